@@ -1,0 +1,1 @@
+"""Everything that runs jobs: settings, the Procrastinate App, tasks and processes."""

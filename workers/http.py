@@ -1,0 +1,183 @@
+"""Upstream calls: one httpx client per process, paths kept under API_BASE_URL.
+
+httpx applies its timeouts to each network operation, so a server that drips its
+body can hold a request far longer than HTTP_TIMEOUT; the job timeout applied by the
+middleware is the budget for a whole attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.parse
+from typing import Any
+
+import httpx
+
+from workers.attempts import note_http_answer
+from workers.errors import InvalidTaskArguments
+from workers.retry import RedirectRejected, UpstreamHTTPError
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_PATH_LENGTH = 2000  # characters
+MAX_STORED_BODY = 65536  # characters of a response body kept as a result
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_FOLLOWED_REDIRECTS = frozenset({307, 308})
+
+_client: httpx.AsyncClient | None = None
+
+
+def get_client(settings: Settings) -> httpx.AsyncClient:
+    """Return this process's shared client, creating it on first use."""
+    global _client
+    if _client is None:
+        timeout = settings.http_timeout
+        _client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=timeout, read=timeout, write=timeout, pool=timeout
+            ),
+            limits=httpx.Limits(
+                max_connections=max(settings.worker_concurrency, 10),
+                max_keepalive_connections=max(settings.worker_concurrency, 10),
+            ),
+            follow_redirects=False,
+            headers={"User-Agent": "procrastinate-fleet"},
+            trust_env=False,
+        )
+    return _client
+
+
+async def close_client() -> None:
+    """Close this process's client, if it was opened."""
+    global _client
+    if _client is not None:
+        await _client.aclose()
+        _client = None
+
+
+def resolve_api_url(base_url: str, path: str) -> str:
+    """Join ``path`` to ``base_url``, rejecting anything that leaves the base URL."""
+    if not isinstance(path, str) or not path:
+        raise InvalidTaskArguments("path is missing; give a path such as /items/42")
+    if len(path) > MAX_PATH_LENGTH:
+        raise InvalidTaskArguments(
+            f"path is {len(path)} characters long; the limit is {MAX_PATH_LENGTH}"
+        )
+    if _CONTROL_CHARACTERS.search(path) or "\\" in path:
+        raise InvalidTaskArguments(
+            f"path {path[:80]!r} contains spaces, control characters or a backslash; "
+            "percent-encode them"
+        )
+    if not path.startswith("/") or path.startswith("//"):
+        raise InvalidTaskArguments(
+            f"path {path[:80]!r} must start with a single '/' and be relative to "
+            "API_BASE_URL; absolute URLs are rejected"
+        )
+    raw_path = path.split("?", 1)[0].split("#", 1)[0]
+    decoded = urllib.parse.unquote(urllib.parse.unquote(raw_path))
+    segments = decoded.split("/")
+    if ".." in segments or "." in segments:
+        raise InvalidTaskArguments(
+            f"path {path[:80]!r} contains '.' or '..' segments; give the final path"
+        )
+    if "#" in path:
+        raise InvalidTaskArguments(f"path {path[:80]!r} contains a fragment ('#')")
+    url = base_url.rstrip("/") + path
+    if not is_under_base(base_url, url):
+        raise InvalidTaskArguments(f"path {path[:80]!r} leaves API_BASE_URL")
+    return url
+
+
+def is_under_base(base_url: str, url: str) -> bool:
+    """Tell whether ``url`` has the scheme, host and port of ``base_url`` and its path."""
+    base = urllib.parse.urlsplit(base_url)
+    target = urllib.parse.urlsplit(url)
+    if (target.scheme, target.hostname, _port(target)) != (
+        base.scheme, base.hostname, _port(base)
+    ):
+        return False
+    if target.username or target.password:
+        return False
+    prefix = base.path.rstrip("/")
+    return target.path == prefix or target.path.startswith(prefix + "/")
+
+
+def _port(parts: urllib.parse.SplitResult) -> int | None:
+    try:
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+def _show(base_url: str, url: str) -> str:
+    """Return ``url`` relative to the base when it is under it, else in full."""
+    if is_under_base(base_url, url):
+        base_path = urllib.parse.urlsplit(base_url).path.rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        shown = parts.path[len(base_path):] or "/"
+        return shown + (f"?{parts.query}" if parts.query else "")
+    return url
+
+
+async def request(
+    settings: Settings,
+    method: str,
+    path: str,
+    *,
+    json_body: Any = None,
+    params: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> httpx.Response:
+    """Send one request under API_BASE_URL, following only same-base 307/308."""
+    base_url = settings.api_base_url
+    url = resolve_api_url(base_url, path)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    client = get_client(settings)
+    display = path.split("?", 1)[0]
+
+    for _hop in range(settings.http_max_redirects + 1):
+        response = await client.request(
+            method, url, json=json_body, params=params, headers=headers
+        )
+        retry_after = response.headers.get("Retry-After")
+        note_http_answer(response.status_code, retry_after)
+        if not response.is_redirect:
+            await response.aread()
+            if response.status_code >= 400:
+                raise UpstreamHTTPError(response.status_code, display, retry_after)
+            return response
+
+        location = response.headers.get("Location", "")
+        target = urllib.parse.urljoin(str(response.url), location)
+        shown = _show(base_url, target)
+        await response.aclose()
+        if response.status_code not in _FOLLOWED_REDIRECTS:
+            raise RedirectRejected(
+                f"HTTP {response.status_code} redirect to {shown}; update "
+                "API_BASE_URL or the path"
+            )
+        if not is_under_base(base_url, target):
+            raise RedirectRejected(
+                f"HTTP {response.status_code} redirect to {shown}, outside "
+                f"API_BASE_URL ({base_url}); not followed"
+            )
+        logger.info(
+            "Following HTTP %s redirect from %s to %s",
+            response.status_code, display, shown,
+            extra={"action": "upstream_redirect_followed"},
+        )
+        url, display, params = target, shown, None
+
+    raise RedirectRejected(
+        f"too many redirects: more than {settings.http_max_redirects} from {path}"
+    )
+
+
+def response_body(response: httpx.Response) -> Any:
+    """Return the parsed JSON body, or the text truncated for storage."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:MAX_STORED_BODY]

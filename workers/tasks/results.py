@@ -1,0 +1,33 @@
+"""Result rows keyed by job id: the effect of a job is stored at most once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from procrastinate import JobContext
+
+STORE_RESULT = """
+INSERT INTO job_results (job_id, task_name, result)
+VALUES (%(job_id)s, %(task_name)s, %(result)s)
+ON CONFLICT (job_id) DO NOTHING
+"""
+
+READ_RESULT = "SELECT result FROM job_results WHERE job_id = %(job_id)s"
+
+
+async def store_result(context: JobContext, result: dict[str, Any]) -> None:
+    """Store a job's result unless an earlier run of the same job stored one."""
+    await context.app.connector.execute_query_async(
+        STORE_RESULT,
+        job_id=context.job.id,
+        task_name=context.job.task_name,
+        result=result,
+    )
+
+
+async def stored_result(context: JobContext) -> dict[str, Any] | None:
+    """Return the result an earlier run of this job stored, if any."""
+    row = await context.app.connector.execute_query_one_async(
+        "SELECT (" + READ_RESULT + ") AS result", job_id=context.job.id
+    )
+    return row["result"]
