@@ -61,7 +61,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = redact_url(super().format(record))
         fields = _extra_fields(record)
-        keys = ("job_id", "task", "queue", "attempt", "process", "worker_id")
+        keys = ("job_id", "task", "queue", "attempt", "process_name", "worker_id")
         shown = [f"{key}={fields[key]}" for key in keys if fields.get(key) is not None]
         if shown and "\n" not in line:
             line = f"{line} [{' '.join(shown)}]"
@@ -105,5 +105,5 @@ def configure_logging(settings: Settings, process_name: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.getLogger(__name__).debug(
         "Logging configured", extra={"action": "logging_configured",
-                                     "process": process_name}
+                                     "process_name": process_name}
     )

@@ -101,7 +101,7 @@ class JobMiddleware:
             "task": job.task_name,
             "queue": job.queue,
             "attempt": job.attempts + 1,
-            "process": self.process_name,
+            "process_name": self.process_name,
             "worker_id": worker.worker_id,
         }
 

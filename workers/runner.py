@@ -73,13 +73,13 @@ class FleetWorker:
             logger.info(
                 "Received %s: warm shutdown, waiting up to %g s for running jobs",
                 signal.Signals(signum).name, self.shutdown_timeout,
-                extra={"action": "warm_shutdown_requested", "process": self.name},
+                extra={"action": "warm_shutdown_requested", "process_name": self.name},
             )
         else:
             logger.warning(
                 "Received %s again; still waiting for running jobs",
                 signal.Signals(signum).name,
-                extra={"action": "repeated_stop_signal", "process": self.name},
+                extra={"action": "repeated_stop_signal", "process_name": self.name},
             )
         if self.worker is not None:
             self.worker.stop()
@@ -116,7 +116,7 @@ class FleetWorker:
             except Exception as exc:
                 logger.error(
                     "Worker %s stopped on an error: %s", self.name, exc,
-                    extra={"action": "worker_crashed", "process": self.name},
+                    extra={"action": "worker_crashed", "process_name": self.name},
                     exc_info=exc,
                 )
                 return 1
@@ -128,11 +128,11 @@ class FleetWorker:
             logger.error(
                 "Worker %s stopped without a stop signal; exiting 1 so that "
                 "supervisord restarts it", self.name,
-                extra={"action": "worker_stopped_unexpectedly", "process": self.name},
+                extra={"action": "worker_stopped_unexpectedly", "process_name": self.name},
             )
             return 1
         logger.info("Worker %s stopped", self.name,
-                    extra={"action": "worker_stopped", "process": self.name})
+                    extra={"action": "worker_stopped", "process_name": self.name})
         return 0
 
     async def _register(self, app: object, run_task: asyncio.Task[None]) -> None:
@@ -161,7 +161,7 @@ class FleetWorker:
             "Worker %s registered as Procrastinate worker %s on queues %s, "
             "concurrency %d", self.name, self.worker.worker_id,
             ",".join(self.queues), self.concurrency,
-            extra={"action": "worker_registered", "process": self.name,
+            extra={"action": "worker_registered", "process_name": self.name,
                    "worker_id": self.worker.worker_id},
         )
 
