@@ -72,6 +72,14 @@ else
     export LOCAL_DATABASE=false
 fi
 
+# Without an API_BASE_URL of your own, jobs call the demo upstream in
+# scripts/demo_api.py, which supervisord runs on the default API_BASE_URL.
+if [[ -z ${API_BASE_URL:-} ]]; then
+    export DEMO_API=true
+else
+    export DEMO_API=false
+fi
+
 # Validates every setting (exit status 2 with the problems) and exports PROJECT_DIR,
 # an absolute VAR_DIR and the other variables conf/supervisord.conf expands.
 exports=$("$PYTHON" -m workers.launch env) || die "fix the settings above and retry"

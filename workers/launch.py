@@ -25,6 +25,7 @@ from workers.settings import PROJECT_DIR, Settings, load_settings
 
 SUPERVISOR_CONFIG = PROJECT_DIR / "conf" / "supervisord.conf"
 LOCAL_DATABASE_CONFIG = PROJECT_DIR / "conf" / "postgres.conf"
+DEMO_API_CONFIG = PROJECT_DIR / "conf" / "demo-api.conf"
 
 # Seconds that supervisord waits beyond a program's own graceful timeout before it
 # sends SIGKILL: time for the interpreter to exit and for pools to close.
@@ -48,7 +49,11 @@ def supervisor_variables(settings: Settings) -> dict[str, str]:
         math.ceil(settings.scheduler_shutdown_timeout) + PROCESS_STOP_MARGIN
     )
     web_stop = settings.web_graceful_timeout + WEB_STOP_MARGIN
-    local_conf = str(LOCAL_DATABASE_CONFIG) if settings.local_database else ""
+    included = []
+    if settings.local_database:
+        included.append(str(LOCAL_DATABASE_CONFIG))
+    if settings.demo_api:
+        included.append(str(DEMO_API_CONFIG))
     return {
         "PROJECT_DIR": str(PROJECT_DIR),
         "VAR_DIR": str(settings.var_dir),
@@ -57,7 +62,8 @@ def supervisor_variables(settings: Settings) -> dict[str, str]:
         "WORKER_STOPWAITSECS": str(worker_stop),
         "SCHEDULER_STOPWAITSECS": str(scheduler_stop),
         "WEB_STOPWAITSECS": str(web_stop),
-        "LOCAL_DATABASE_CONF": local_conf,
+        "EXTRA_PROGRAMS_CONF": " ".join(included),
+        "API_BASE_URL": settings.api_base_url,
     }
 
 

@@ -232,6 +232,9 @@ SETTINGS: tuple[Setting, ...] = (
             "supervisord's unix socket; empty means VAR_DIR/supervisor.sock"),
     Setting("LOCAL_DATABASE", "false", _parse_bool,
             "set by make run when it runs the project-local PostgreSQL"),
+    Setting("DEMO_API", "false", _parse_bool,
+            "set by make run when API_BASE_URL is unset: serve a demo upstream "
+            "on API_BASE_URL"),
 )
 
 

@@ -52,7 +52,7 @@ LONG_RUNNING = ("web", "worker", "scheduler")
 _DROPPED_PREFIXES = ("SUPERVISOR_",)
 _DROPPED_NAMES = frozenset(
     {setting.name for setting in SETTINGS}
-    | {"LOCAL_DATABASE_PORT", "LOCAL_DATABASE_CONF", "PROJECT_DIR"}
+    | {"LOCAL_DATABASE_PORT", "EXTRA_PROGRAMS_CONF", "PROJECT_DIR"}
 )
 
 _running: set[Stack] = set()

@@ -334,7 +334,7 @@ def test_launch_env_prints_exports(var_dir: Path) -> None:
     assert exported == supervisor_variables(load_settings(environment))
     assert exported["SCHEDULER_STOPWAITSECS"] == "28"
     assert exported["VAR_DIR"] == str(var_dir)
-    assert exported["LOCAL_DATABASE_CONF"] == ""
+    assert exported["EXTRA_PROGRAMS_CONF"] == ""
 
 
 def test_launch_env_rejects_invalid_setting(var_dir: Path) -> None:

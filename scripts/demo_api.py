@@ -1,0 +1,75 @@
+"""A small upstream API on loopback for the local setup, so jobs have something to call.
+
+`make run` starts it as the `demo_api` program when API_BASE_URL is not set, on the
+default API_BASE_URL (http://127.0.0.1:8001). `GET /jokes/random` returns a joke in
+the shape of api.chucknorris.io's answer; any other path echoes the request as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+JOKES = (
+    "The queue never loses a job; it only postpones it.",
+    "A worker once finished a job before it was deferred. It was retried anyway.",
+    "Exponential backoff waited so long that the outage apologised.",
+    "The scheduler does not sleep; it waits for the next tick.",
+    "Idempotency keys exist because the second request always comes.",
+)
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    """Answer /jokes/random with a joke and echo every other request."""
+
+    server_version = "demo-api"
+
+    def _send(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if parts.path == "/jokes/random":
+            category = urllib.parse.parse_qs(parts.query).get("category", [None])[0]
+            self._send(200, {
+                "id": uuid.uuid4().hex,
+                "value": random.choice(JOKES),
+                "categories": [category] if category else [],
+            })
+            return
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        self._send(200, {"method": self.command, "path": parts.path,
+                         "query": parts.query, "json": body})
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+    def log_message(self, format: str, *args: object) -> None:
+        sys.stdout.write("demo_api: " + (format % args) + "\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    """Serve on the host and port of the URL given as the first argument."""
+    url = urllib.parse.urlsplit(sys.argv[1])
+    server = ThreadingHTTPServer((url.hostname or "127.0.0.1", url.port or 80),
+                                 DemoHandler)
+    print(f"demo_api: listening on {sys.argv[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
