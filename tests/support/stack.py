@@ -333,6 +333,20 @@ class Stack:
         if remove_var_dir:
             self.remove_var_dir()
 
+    def crash(self) -> None:
+        """Kill supervisord and every process of this stack with SIGKILL at once.
+
+        Nothing shuts down gracefully, as when a host loses power.
+        """
+        self._stopped = True
+        _running.discard(self)
+        pids = [pid for pid in _tagged_pids(self.stack_id) if pid != os.getpid()]
+        for pid in [self.process.pid, *pids]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        _kill_tagged_processes(self.stack_id)
+
     def _request_shutdown(self) -> None:
         try:
             result = self.supervisorctl("shutdown", timeout=30)
