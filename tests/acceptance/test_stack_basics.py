@@ -155,7 +155,8 @@ def test_killed_worker_job_is_retried_and_finishes_once(
     assert events.count("started") == 2, events
     assert events.count("succeeded") == 1, events
     assert upstream.count("/slow") == 2
-    assert _job_row(database_url, job_id)["attempts"] == 1
+    # Procrastinate counts every finished run: the killed one and the final one.
+    assert _job_row(database_url, job_id)["attempts"] == 2
     scheduler_log = stack.log("scheduler")
     assert re.search(rf"Stalled job {job_id} of dead worker {doing['worker_id']}",
                      scheduler_log), scheduler_log[-2000:]
