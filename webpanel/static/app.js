@@ -47,3 +47,71 @@
 
   document.addEventListener("DOMContentLoaded", start);
 })();
+
+// ---- Jobs: manual refresh with loading and error states, staleness notice, and
+// select-all boxes that keep working after a region was swapped in. ----
+(function () {
+  "use strict";
+
+  function statusFor(region) {
+    var id = region.getAttribute("data-refresh-status");
+    return id ? document.getElementById(id) : null;
+  }
+
+  function refreshNow(region) {
+    var status = statusFor(region);
+    region.classList.add("is-refreshing");
+    region.setAttribute("aria-busy", "true");
+    if (status) { status.textContent = "Refreshing…"; }
+    fetch(window.location.href, { headers: { "X-Requested-With": "fetch" }, credentials: "same-origin" })
+      .then(function (response) {
+        return response.text().then(function (html) { return { ok: response.ok, code: response.status, html: html }; });
+      })
+      .then(function (answer) {
+        var doc = new DOMParser().parseFromString(answer.html, "text/html");
+        var fresh = doc.getElementById(region.id);
+        if (answer.ok && fresh) {
+          region.replaceWith(fresh);
+          return;
+        }
+        throw new Error("HTTP " + answer.code);
+      })
+      .catch(function (error) {
+        region.classList.remove("is-refreshing");
+        region.removeAttribute("aria-busy");
+        if (status) { status.textContent = "Refresh failed (" + error.message + "); the list below is older."; }
+      });
+  }
+
+  function markStale() {
+    document.querySelectorAll("[data-refresh][data-refresh-status]").forEach(function (region) {
+      var stamp = region.querySelector(".refresh-note time[datetime]");
+      var status = statusFor(region);
+      if (!stamp || !status || document.hidden) return;
+      if (region.querySelector("input[type=checkbox]:checked")) return;
+      var seconds = Number(region.getAttribute("data-refresh")) || 5;
+      var age = (Date.now() - Date.parse(stamp.getAttribute("datetime"))) / 1000;
+      if (age > seconds * 3 && !status.textContent) {
+        status.textContent = "Not updated for " + Math.round(age) + " s; the panel may be unreachable.";
+      }
+    });
+  }
+
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest ? event.target.closest("[data-refresh-now]") : null;
+    if (!link) return;
+    var region = document.getElementById(link.getAttribute("data-refresh-now"));
+    if (!region) return;
+    event.preventDefault();
+    refreshNow(region);
+  });
+
+  document.addEventListener("change", function (event) {
+    var box = event.target;
+    if (!box.matches || !box.matches("[data-select-all]")) return;
+    var table = box.closest("table") || document;
+    table.querySelectorAll("input[name=job_id]").forEach(function (item) { item.checked = box.checked; });
+  });
+
+  window.setInterval(markStale, 5000);
+})();
