@@ -21,20 +21,27 @@ from flask import (
     flash,
     g,
     jsonify,
+    make_response,
     redirect,
     render_template,
     request,
+    url_for,
 )
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
 
 from webpanel.db import DatabaseUnavailable
+from workers.settings import redact_url
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXPIRED_FORM_MESSAGE = "This form expired. Check the values and submit again."
+DATABASE_ERRORS = (DatabaseUnavailable, psycopg.OperationalError,
+                   psycopg_pool.PoolTimeout,
+                   procrastinate.exceptions.ConnectorException)
 
 
 def keeps_input_when_expired(view: F) -> F:
@@ -47,11 +54,32 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/") or request.path in {"/healthz"}
 
 
-def _page(status: int, title: str, message: str) -> Any:
+def _load_page_user(database_failed: bool) -> None:
+    # The layout shows the logged-in account. When the database just failed,
+    # asking it again would only double the wait, so the page shows no account.
+    if "user" in g:
+        return
+    if database_failed:
+        g.user = None
+        return
+    from webpanel.auth import current_user
+
+    try:
+        current_user()
+    except DATABASE_ERRORS:
+        g.user = None
+
+
+def _page(status: int, title: str, message: str,
+          database_failed: bool = False) -> Response:
     if _wants_json():
-        return jsonify({"error": title, "message": message}), status
-    return render_template("error.html", status=status, title=title,
-                           message=message), status
+        response = jsonify({"error": title, "message": message})
+    else:
+        _load_page_user(database_failed)
+        response = make_response(render_template(
+            "error.html", status=status, title=title, message=message))
+    response.status_code = status
+    return response
 
 
 def _handle_http(exc: HTTPException) -> Any:
@@ -59,17 +87,59 @@ def _handle_http(exc: HTTPException) -> Any:
     title = exc.name
     message = exc.description or ""
     if status == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
         message = "The request body is too large; send less data."
-    return _page(status, title, message)
+        if limit:
+            message = (f"The request body is larger than {limit} bytes, the "
+                       "largest the panel accepts; send less data.")
+    response = _page(status, title, message)
+    # Keep the headers the exception carries: Allow, WWW-Authenticate, Retry-After.
+    for name, value in exc.get_headers():
+        if name.lower() not in {"content-type", "content-length"}:
+            response.headers[name] = value
+    return response
+
+
+def _is_invalid_input(exc: psycopg.DataError) -> bool:
+    # PostgreSQL's class 22 (data exception: out of range, invalid text, bad
+    # encoding) comes from a value the request sent, and so does psycopg's own
+    # refusal of NUL characters in text. Other client-side DataErrors, such as a
+    # list it cannot adapt, are bugs and stay 500.
+    if exc.sqlstate is not None:
+        return exc.sqlstate.startswith("22")
+    return "NUL (0x00)" in str(exc)
+
+
+def _handle_data_error(exc: psycopg.DataError) -> Any:
+    if not _is_invalid_input(exc):
+        return _handle_unexpected(exc)
+    first_line = (str(exc).splitlines() or [""])[0]
+    logger.info("Rejected %s %s: the database refused a value: %s",
+                request.method, request.path, redact_url(first_line)[:200],
+                extra={"action": "invalid_value"})
+    return _page(400, "Bad Request",
+                 "A value in the request is out of range or not valid text "
+                 "(for example a NUL character); correct it and try again.")
 
 
 def _handle_csrf(exc: CSRFError) -> Any:
+    from webpanel.auth import current_user
+
     view = current_app.view_functions.get(request.endpoint or "")
     logger.info("Form for %s rejected: %s", request.path, exc.description,
                 extra={"action": "csrf_rejected"})
-    if view is not None and getattr(view, "keeps_input_when_expired", False):
+    if view is not None and not getattr(view, "is_public", False) \
+            and current_user() is None:
+        return redirect(url_for("auth.login"), code=303)
+    if view is not None and getattr(view, "keeps_input_when_expired", False) \
+            and not g.get("csrf_expired"):
         g.csrf_expired = True
-        return current_app.ensure_sync(view)(**(request.view_args or {}))
+        try:
+            return current_app.ensure_sync(view)(**(request.view_args or {}))
+        except Exception as view_exc:  # noqa: BLE001 - each kind has its handler
+            # An error raised while re-rendering (a 404 for an unknown task, the
+            # database timing out) gets the page it would get from the view.
+            return current_app.handle_user_exception(view_exc)
     if _wants_json():
         return _page(400, "Bad Request", "missing or invalid CSRF token")
     flash("The form expired, so nothing was changed. Submit it again.", "error")
@@ -79,23 +149,34 @@ def _handle_csrf(exc: CSRFError) -> Any:
     return redirect(target, code=303)
 
 
+def _timed_out(exc: BaseException) -> bool:
+    # Procrastinate wraps psycopg's errors in ConnectorException, so the reason
+    # sits somewhere in the chain of causes.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DatabaseUnavailable) and seen.timed_out:
+            return True
+        if isinstance(seen, (psycopg_pool.PoolTimeout, psycopg.errors.QueryCanceled,
+                             psycopg.errors.LockNotAvailable)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _handle_database(exc: Exception) -> Any:
-    timed_out = isinstance(exc, DatabaseUnavailable) and exc.timed_out
-    if isinstance(exc, psycopg_pool.PoolTimeout):
-        timed_out = True
+    timed_out = _timed_out(exc)
     logger.warning("Database unavailable for %s %s: %s", request.method,
-                   request.path, exc, extra={"action": "database_unavailable"})
+                   request.path, redact_url(str(exc)),
+                   extra={"action": "database_unavailable"})
     if timed_out:
         message = ("The database did not answer in time. Nothing was changed; "
                    "try again in a moment.")
     else:
         message = ("The database cannot be reached. Nothing was changed; the panel "
                    "will work again as soon as it is back.")
-    response = _page(503, "Database unavailable", message)
-    body, status = response
-    if hasattr(body, "headers"):
-        body.headers["Retry-After"] = "5"
-    return body, status
+    response = _page(503, "Database unavailable", message, database_failed=True)
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 def _handle_unexpected(exc: Exception) -> Any:
@@ -112,7 +193,7 @@ def init_app(app: Flask) -> None:
     """Register every error handler."""
     app.register_error_handler(CSRFError, _handle_csrf)
     app.register_error_handler(HTTPException, _handle_http)
-    for kind in (DatabaseUnavailable, psycopg.OperationalError,
-                 psycopg_pool.PoolTimeout, procrastinate.exceptions.ConnectorException):
+    app.register_error_handler(psycopg.DataError, _handle_data_error)
+    for kind in DATABASE_ERRORS:
         app.register_error_handler(kind, _handle_database)
     app.register_error_handler(Exception, _handle_unexpected)
