@@ -15,9 +15,18 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from workers.settings import load_settings  # noqa: E402
+from workers.errors import ConfigurationError  # noqa: E402
+from workers.settings import check_web_secrets, load_settings  # noqa: E402
 
-_settings = load_settings()
+# Check the settings once here, before gunicorn binds its port or forks: a bad or
+# missing SECRET_KEY stops the master with one clear line instead of one traceback
+# per worker. Exit status 78 is EX_CONFIG from sysexits.h.
+try:
+    _settings = load_settings()
+    check_web_secrets(_settings)
+except ConfigurationError as _error:
+    print(f"error: {_error}", file=sys.stderr, flush=True)
+    sys.exit(78)
 
 bind = [_settings.web_bind]
 workers = _settings.web_workers

