@@ -360,9 +360,20 @@ def gunicorn_config(
     monkeypatch: pytest.MonkeyPatch, **overrides: str
 ) -> dict[str, Any]:
     """Execute conf/gunicorn.conf.py as gunicorn does and return its names."""
+    monkeypatch.setenv("SECRET_KEY", "unit-test-secret-key-" + "k" * 32)
     for name, value in overrides.items():
         monkeypatch.setenv(name, value)
     return runpy.run_path(str(PROJECT_DIR / "conf" / "gunicorn.conf.py"))
+
+
+def test_gunicorn_config_rejects_missing_secret_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(PROJECT_DIR / "conf" / "gunicorn.conf.py"))
+    assert exit_info.value.code == 78
+    assert "SECRET_KEY is not set" in capsys.readouterr().err
 
 
 def test_gunicorn_config_follows_settings(monkeypatch: pytest.MonkeyPatch) -> None:
