@@ -3,6 +3,11 @@
 Every failure to reach supervisord becomes ``SupervisorUnavailable`` with a message an
 operator can act on, and every process action checks the state that results instead of
 trusting a return value.
+
+Actions never block inside supervisord: start and stop are sent with ``wait=False``
+and the client polls the states itself until a deadline. An action that has not
+finished by then raises ``ProcessActionPending`` (a ``ProcessActionFailed``), so a
+caller can never mistake it for a success.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import http.client
 import socket
 import time
 import xmlrpc.client
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,13 @@ from supervisor.xmlrpc import SupervisorTransport
 from workers.errors import FleetError
 
 DEFAULT_TIMEOUT = 5.0  # seconds for one XML-RPC call
+POLL_INTERVAL = 0.1  # seconds between two looks at the states during an action
+ACTIONS = ("start", "stop", "restart")
 RUNNING_STATES = frozenset({"RUNNING"})
+# The states supervisord calls RUNNING_STATES, the ones a stop applies to.
+ACTIVE_STATES = frozenset({"RUNNING", "STARTING", "BACKOFF"})
+# States in which a process is not running, the outcome a stop waits for.
+STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
 
 
 class SupervisorUnavailable(FleetError):
@@ -30,6 +42,24 @@ class SupervisorUnavailable(FleetError):
 
 class ProcessActionFailed(FleetError):
     """A start, stop or restart did not reach the expected state."""
+
+
+class ProcessActionPending(ProcessActionFailed):
+    """A start, stop or restart was sent but had not finished by the deadline."""
+
+    def __init__(
+        self,
+        message: str,
+        phase: str,
+        names: list[str],
+        before: dict[str, ProcessInfo],
+        infos: list[ProcessInfo],
+    ) -> None:
+        super().__init__(message)
+        self.phase = phase  # "stopping" or "starting"
+        self.names = names
+        self.before = before
+        self.infos = infos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +102,39 @@ class ProcessInfo:
         )
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket whose connect, send and receive have a timeout."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        # "localhost" only fills the Host header; the socket path is what connects.
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        """Open the unix socket with the connection's timeout."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class _TimeoutTransport(SupervisorTransport):
-    """SupervisorTransport whose unix socket has a timeout."""
+    """SupervisorTransport whose unix socket has a timeout.
+
+    SupervisorTransport's own unix connection opens its socket without a timeout,
+    and its constructor stores the connection factory on the instance, so the
+    factory is replaced here after the constructor ran.
+    """
 
     def __init__(self, socket_path: str, timeout: float) -> None:
         super().__init__(None, None, serverurl=f"unix://{socket_path}")
-        self._timeout = timeout
-
-    def _get_connection(self) -> http.client.HTTPConnection:
-        connection = super()._get_connection()
-        connection.timeout = self._timeout
-        return connection
+        self._get_connection = (  # type: ignore[method-assign]
+            lambda: _UnixConnection(socket_path, timeout)
+        )
 
 
 class SupervisorClient:
@@ -92,47 +144,52 @@ class SupervisorClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def _proxy(self) -> Any:
+    def _call(
+        self, method: str, *args: Any, tolerated: Collection[str] = ()
+    ) -> Any:
+        """Call one supervisor.* method. Faults named in ``tolerated`` return None."""
+        where = self._display_path()
         transport = _TimeoutTransport(str(self.socket_path), self.timeout)
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-
-    def _call(self, method: str, *args: Any) -> Any:
-        shown = self._shown_path()
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         try:
-            return getattr(self._proxy().supervisor, method)(*args)
+            return getattr(proxy.supervisor, method)(*args)
         except xmlrpc.client.Fault as fault:
+            if any(name in (fault.faultString or "") for name in tolerated):
+                return None
             raise _fault_error(fault, args) from None
         except PermissionError:
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: permission denied; run the "
+                f"cannot reach supervisord at {where}: permission denied; run the "
                 "panel as the user that owns the socket"
             ) from None
         except FileNotFoundError:
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: no socket there; is the stack "
+                f"cannot reach supervisord at {where}: no socket there; is the stack "
                 "running (make run)?"
             ) from None
         except ConnectionRefusedError:
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: connection refused; "
+                f"cannot reach supervisord at {where}: connection refused; "
                 "supervisord is not running"
             ) from None
         except (TimeoutError, socket.timeout):
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: no answer within "
+                f"cannot reach supervisord at {where}: no response within "
                 f"{self.timeout:g} s"
             ) from None
         except OSError as exc:
             reason = errno.errorcode.get(exc.errno or 0, "") or str(exc)
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: {exc.strerror or reason}"
+                f"cannot reach supervisord at {where}: {exc.strerror or reason}"
             ) from None
         except (xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
             raise SupervisorUnavailable(
-                f"cannot reach supervisord at {shown}: {exc}"
+                f"cannot reach supervisord at {where}: {exc}"
             ) from None
+        finally:
+            transport.close()
 
-    def _shown_path(self) -> str:
+    def _display_path(self) -> str:
         try:
             return str(self.socket_path.relative_to(Path.cwd()))
         except ValueError:
@@ -148,68 +205,177 @@ class SupervisorClient:
 
     def resolve(self, target: str) -> list[str]:
         """Return the process names a name or group pattern ('worker:*') means."""
-        names = [info.name for info in self.processes()]
+        return list(self._resolve_infos(target))
+
+    def _resolve_infos(self, target: str) -> dict[str, ProcessInfo]:
+        infos = self.processes()
         if target.endswith(":*"):
             group = target[:-2]
-            matched = [name for name in names if name.split(":", 1)[0] == group]
+            matched = {info.name: info for info in infos if info.group == group}
         else:
-            matched = [name for name in names if name == target]
+            matched = {info.name: info for info in infos if info.name == target}
         if not matched:
             raise ProcessActionFailed(f"no such process: {target}")
         return matched
 
-    def act(self, action: str, target: str, wait: float = 30.0) -> list[ProcessInfo]:
-        """Start, stop or restart ``target`` and return the states that result."""
-        if action not in {"start", "stop", "restart"}:
-            raise ProcessActionFailed(f"unknown action {action!r}")
-        names = self.resolve(target)
-        group = target[:-2] if target.endswith(":*") else None
-        before = {name: self.process(name).pid for name in names}
-        if action in {"stop", "restart"}:
-            self._stop(group, names)
-        if action in {"start", "restart"}:
-            self._start(group, names)
-        return self._check(action, names, before, wait)
+    def signal(self, name: str, signal_name: str) -> None:
+        """Send a signal such as 'TERM' to one process through supervisord."""
+        self._call("signalProcess", name, signal_name)
 
-    def _stop(self, group: str | None, names: list[str]) -> None:
+    def act(self, action: str, target: str, wait: float = 30.0) -> list[ProcessInfo]:
+        """Start, stop or restart ``target`` and return the states that result.
+
+        A start or restart succeeds when every process is RUNNING (a one-shot
+        program may instead have exited 0), and a stop when none is running any
+        more: STOPPED, or EXITED or FATAL when it had already ended. The states are
+        polled for at most ``wait`` seconds, plus the calls under way at the
+        deadline (each bounded by the client's timeout). ProcessActionPending is
+        raised when the processes are still stopping or starting then.
+        """
+        if action not in ACTIONS:
+            raise ProcessActionFailed(
+                f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}"
+            )
+        deadline = time.monotonic() + wait
+        before = self._resolve_infos(target)
+        names = list(before)
+        group = target[:-2] if target.endswith(":*") else None
+
+        if action in {"stop", "restart"}:
+            self._stop(group, before)
+            infos = self._poll(names, _is_stopped, deadline)
+            waiting = [info for info in infos if not _is_stopped(info)]
+            if waiting:
+                raise ProcessActionPending(
+                    f"{action} of {target} sent, but {_describe(waiting)} after "
+                    f"{wait:g} s; reload to check",
+                    "stopping", names, before, infos,
+                )
+            if action == "stop":
+                return infos
+        self._start(group, names)
+        return self._check_started(action, target, names, before, deadline, wait)
+
+    def finish_restart(
+        self, names: list[str], before: dict[str, ProcessInfo], wait: float
+    ) -> list[ProcessInfo]:
+        """Start ``names`` once they have stopped, completing a pending restart."""
+        deadline = time.monotonic() + wait
+        infos = self._poll(names, _is_stopped, deadline)
+        waiting = [info for info in infos if not _is_stopped(info)]
+        if waiting:
+            raise ProcessActionFailed(
+                f"restart gave up after {wait:g} s: {_describe(waiting)}"
+            )
+        self._start(None, names)
+        target = ", ".join(names)
+        return self._check_started("restart", target, names, before, deadline, wait)
+
+    def _stop(self, group: str | None, before: dict[str, ProcessInfo]) -> None:
         if group:
-            self._call("stopProcessGroup", group, True)
+            self._call("stopProcessGroup", group, False)
             return
-        for name in names:
-            if self.process(name).state in {"STOPPED", "EXITED", "FATAL"}:
-                continue
-            self._call("stopProcess", name, True)
+        for name, info in before.items():
+            if info.state in ACTIVE_STATES:
+                self._call("stopProcess", name, False, tolerated=("NOT_RUNNING",))
 
     def _start(self, group: str | None, names: list[str]) -> None:
         if group:
-            self._call("startProcessGroup", group, True)
+            self._call("startProcessGroup", group, False)
             return
         for name in names:
-            if self.process(name).state == "RUNNING":
-                continue
-            self._call("startProcess", name, True)
+            self._call("startProcess", name, False, tolerated=("ALREADY_STARTED",))
 
-    def _check(
-        self, action: str, names: list[str], before: dict[str, int], wait: float
+    def _poll(
+        self,
+        names: list[str],
+        done: Callable[[ProcessInfo], bool],
+        deadline: float,
     ) -> list[ProcessInfo]:
-        expected = "STOPPED" if action == "stop" else "RUNNING"
-        deadline = time.monotonic() + wait
+        """Poll until ``done`` holds for every process of ``names``, or the deadline."""
+        expected = set(names)
         while True:
-            infos = [self.process(name) for name in names]
-            bad = [info for info in infos if info.state != expected]
-            if not bad or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        if bad:
-            shown = ", ".join(f"{info.name} is {info.state}" for info in bad)
-            raise ProcessActionFailed(f"{action} did not reach {expected}: {shown}")
+            infos = [info for info in self.processes() if info.name in expected]
+            missing = expected - {info.name for info in infos}
+            if missing:
+                raise ProcessActionFailed(
+                    f"no such process: {', '.join(sorted(missing))}"
+                )
+            if all(done(info) for info in infos) or time.monotonic() >= deadline:
+                return infos
+            time.sleep(POLL_INTERVAL)
+
+    def _check_started(
+        self,
+        action: str,
+        target: str,
+        names: list[str],
+        before: dict[str, ProcessInfo],
+        deadline: float,
+        wait: float,
+    ) -> list[ProcessInfo]:
+        def settled(info: ProcessInfo) -> bool:
+            return info.state == "RUNNING" or _ran_to_completion(info, before) or \
+                info.state in {"FATAL", "EXITED", "STOPPED"}
+
+        infos = self._poll(names, settled, deadline)
+        failed = [
+            info for info in infos
+            if info.state in {"FATAL", "EXITED", "STOPPED"}
+            and not _ran_to_completion(info, before)
+        ]
+        if failed:
+            raise ProcessActionFailed(
+                f"{action} of {target} did not reach RUNNING: "
+                + "; ".join(_failure_text(info) for info in failed)
+            )
+        waiting = [info for info in infos if not settled(info)]
+        if waiting:
+            raise ProcessActionPending(
+                f"{action} of {target} sent, but {_describe(waiting)} after "
+                f"{wait:g} s (still starting); reload to check",
+                "starting", names, before, infos,
+            )
         if action == "restart":
-            unchanged = [info.name for info in infos if info.pid == before[info.name]]
+            unchanged = [
+                info.name for info in infos
+                if info.state == "RUNNING" and before[info.name].pid
+                and info.pid == before[info.name].pid
+            ]
             if unchanged:
                 raise ProcessActionFailed(
                     f"restart left the same pid for {', '.join(unchanged)}"
                 )
         return infos
+
+
+def _is_stopped(info: ProcessInfo) -> bool:
+    return info.state in STOPPED_STATES
+
+
+def _ran_to_completion(info: ProcessInfo, before: dict[str, ProcessInfo]) -> bool:
+    """Tell whether a one-shot program such as setup started again and exited 0."""
+    earlier = before.get(info.name)
+    return (
+        info.state == "EXITED"
+        and info.exit_status == 0
+        and earlier is not None
+        and info.started > earlier.started
+    )
+
+
+def _describe(infos: list[ProcessInfo]) -> str:
+    return ", ".join(f"{info.name} is {info.state}" for info in infos)
+
+
+def _failure_text(info: ProcessInfo) -> str:
+    text = f"{info.name} is {info.state}"
+    if info.state == "EXITED":
+        text += f" (exit status {info.exit_status})"
+    detail = info.spawn_error or info.description
+    if detail:
+        text += f": {detail}"
+    return text
 
 
 def _fault_error(fault: xmlrpc.client.Fault, args: tuple[Any, ...]) -> Exception:
@@ -221,4 +387,6 @@ def _fault_error(fault: xmlrpc.client.Fault, args: tuple[Any, ...]) -> Exception
         return ProcessActionFailed(f"{target}: {text}")
     if "SPAWN_ERROR" in text or "ABNORMAL_TERMINATION" in text:
         return ProcessActionFailed(f"{target} failed to start: {text}")
+    if "BAD_SIGNAL" in text:
+        return ProcessActionFailed(f"{target}: supervisord rejected the signal: {text}")
     return SupervisorUnavailable(f"supervisord rejected the request: {text}")

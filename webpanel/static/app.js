@@ -31,19 +31,14 @@
         if (current) refresh(current);
       }, seconds * 1000);
     });
-    document.querySelectorAll("[data-confirm]").forEach(function (form) {
-      form.addEventListener("submit", function (event) {
-        if (!window.confirm(form.getAttribute("data-confirm"))) event.preventDefault();
-      });
-    });
-    document.querySelectorAll("[data-select-all]").forEach(function (box) {
-      box.addEventListener("change", function () {
-        document.querySelectorAll("input[name=job_id]").forEach(function (item) {
-          item.checked = box.checked;
-        });
-      });
-    });
   }
+
+  // Delegated from the document, so forms inside a refreshed region keep their
+  // confirmation after the region is replaced.
+  document.addEventListener("submit", function (event) {
+    var form = event.target.closest ? event.target.closest("form[data-confirm]") : null;
+    if (form && !window.confirm(form.getAttribute("data-confirm"))) event.preventDefault();
+  });
 
   document.addEventListener("DOMContentLoaded", start);
 })();
