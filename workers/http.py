@@ -138,34 +138,35 @@ async def request(
     display = path.split("?", 1)[0]
 
     for _hop in range(settings.http_max_redirects + 1):
-        response = await client.request(
-            method, url, json=json_body, params=params, headers=headers
-        )
+        response = await _send(client, method, url, json_body, params, headers)
+        status = response.status_code
         retry_after = response.headers.get("Retry-After")
-        note_http_answer(response.status_code, retry_after)
-        if not response.is_redirect:
-            await response.aread()
-            if response.status_code >= 400:
-                raise UpstreamHTTPError(response.status_code, display, retry_after)
+        note_http_answer(status, retry_after)
+        if status >= 400:
+            raise UpstreamHTTPError(status, display, retry_after)
+        if not 300 <= status < 400:
             return response
 
+        # Any 3xx is a redirect here: a 3xx body is never a result.
         location = response.headers.get("Location", "")
+        if not location:
+            raise RedirectRejected(
+                f"HTTP {status} from {display} without a Location header; update "
+                "API_BASE_URL or the path"
+            )
         target = urllib.parse.urljoin(str(response.url), location)
         shown = _show(base_url, target)
-        await response.aclose()
-        if response.status_code not in _FOLLOWED_REDIRECTS:
+        if status not in _FOLLOWED_REDIRECTS:
             raise RedirectRejected(
-                f"HTTP {response.status_code} redirect to {shown}; update "
-                "API_BASE_URL or the path"
+                f"HTTP {status} redirect to {shown}; update API_BASE_URL or the path"
             )
         if not is_under_base(base_url, target):
             raise RedirectRejected(
-                f"HTTP {response.status_code} redirect to {shown}, outside "
-                f"API_BASE_URL ({base_url}); not followed"
+                f"HTTP {status} redirect to {shown}, outside API_BASE_URL "
+                f"({base_url}); not followed"
             )
         logger.info(
-            "Following HTTP %s redirect from %s to %s",
-            response.status_code, display, shown,
+            "Following HTTP %s redirect from %s to %s", status, display, shown,
             extra={"action": "upstream_redirect_followed"},
         )
         url, display, params = target, shown, None
@@ -173,6 +174,31 @@ async def request(
     raise RedirectRejected(
         f"too many redirects: more than {settings.http_max_redirects} from {path}"
     )
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    json_body: Any,
+    params: dict[str, str] | None,
+    headers: dict[str, str],
+) -> httpx.Response:
+    """Send one request and read its whole body, closing the connection on any error.
+
+    Streaming and closing in ``finally`` makes a cancelled read (the job timeout
+    hitting a slow-drip body) close the connection at once instead of leaving it
+    half-read in the pool.
+    """
+    request = client.build_request(
+        method, url, json=json_body, params=params, headers=headers
+    )
+    response = await client.send(request, stream=True)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    return response
 
 
 def response_body(response: httpx.Response) -> Any:

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+import psycopg
+
 from workers.settings import Settings, redact_url
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
@@ -24,6 +26,20 @@ _REPLACED_WORKER_ACTIONS = frozenset(
 # Procrastinate logs a periodic tick skipped by its queueing lock at DEBUG; operators
 # need to see it, so it is raised to INFO.
 _RAISED_TO_INFO = frozenset({"skip_periodic_task_queueing_lock"})
+# Side tasks (listener, heartbeat, periodic deferrer, abort poll) fail when the
+# database goes away, and Procrastinate logs each failure again as the worker
+# stops. The runner logs the outage at WARNING and supervisord starts the process
+# again. These lines are therefore lowered to WARNING without a traceback when
+# their error is a database error. Any other failure stays ERROR.
+_LOWERED_TO_WARNING = frozenset(
+    {
+        "side_task_failed",
+        "listener_error",
+        "update_heartbeats_error",
+        "deferrer_error",
+        "poll_jobs_to_abort_error",
+    }
+)
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -71,8 +87,19 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _is_database_error(record: logging.LogRecord) -> bool:
+    # Imported here so that configuring logging does not load Procrastinate.
+    import psycopg_pool
+    from procrastinate.exceptions import ConnectorException
+
+    error = record.exc_info[1] if record.exc_info else None
+    return isinstance(
+        error, (ConnectorException, psycopg.Error, psycopg_pool.PoolTimeout)
+    )
+
+
 class ProcrastinateNoiseFilter(logging.Filter):
-    """Drop Procrastinate's per-job lines and raise skipped periodic ticks to INFO."""
+    """Drop Procrastinate's per-job lines and adjust the level of a few others."""
 
     def __init__(self, min_level: int) -> None:
         super().__init__()
@@ -85,6 +112,15 @@ class ProcrastinateNoiseFilter(logging.Filter):
         if action in _RAISED_TO_INFO and record.levelno < logging.INFO:
             record.levelno = logging.INFO
             record.levelname = "INFO"
+        if (
+            action in _LOWERED_TO_WARNING
+            and record.levelno > logging.WARNING
+            and _is_database_error(record)
+        ):
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+            record.exc_info = None
+            record.exc_text = None
         return record.levelno >= self.min_level
 
 

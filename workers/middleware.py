@@ -132,11 +132,18 @@ class JobMiddleware:
             current_attempt.reset(token)
 
     async def _run_with_timeout(self, call_next: AsyncCallNext, timeout: float) -> Any:
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout) as deadline:
+            async with deadline:
                 result = await call_next()
-        except TimeoutError as exc:
+        except asyncio.CancelledError:
+            # asyncio.timeout turns its own cancellation into TimeoutError, so a
+            # CancelledError here comes from the worker (abort or shutdown).
+            raise
+        except Exception as exc:
             if deadline.expired():
+                # Whatever the task raised once it was cancelled, the attempt
+                # ended because it outlived its timeout.
                 raise JobTimeout(
                     f"job timed out after {timeout:g} s (job timeout)"
                 ) from exc

@@ -5,20 +5,49 @@ has not sent a heartbeat for STALLED_JOB_THRESHOLD seconds, or when that worker'
 is gone (its ``worker_id`` was then set to NULL). Liveness follows the worker id of
 the process instance that fetched the job: a restarted process registers a new id, so
 it never makes its predecessor's jobs look healthy.
+
+Each job is given back (or failed) by one statement that checks again, under a row
+lock, that the job is still ``doing`` for the same dead worker. Two sweeps running at
+once, or a slow worker that finishes the job meanwhile, therefore never make a job
+run twice at the same time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 
 import procrastinate
-from procrastinate.jobs import Job, Status
+from procrastinate.jobs import Job
 
 from workers.retry import BackoffRetry
 
 logger = logging.getLogger(__name__)
+
+# The job, locked, if it is still doing for the same worker and that worker is
+# still dead; the outer statement then retries or fails it.
+_STILL_STALLED = """
+WITH stalled AS (
+    SELECT j.id FROM procrastinate_jobs j
+     WHERE j.id = %(job_id)s
+       AND j.status = 'doing'
+       AND j.worker_id IS NOT DISTINCT FROM %(worker_id)s
+       AND NOT EXISTS (
+           SELECT 1 FROM procrastinate_workers w
+            WHERE w.id = j.worker_id
+              AND w.last_heartbeat >= now() - make_interval(secs => %(threshold)s))
+       FOR UPDATE OF j
+)
+"""
+
+RETRY_STALLED_JOB = _STILL_STALLED + """
+SELECT id, procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM stalled
+"""
+
+FAIL_STALLED_JOB = _STILL_STALLED + """
+SELECT id, procrastinate_finish_job_v1(id, 'failed'::procrastinate_job_status, false)
+  FROM stalled
+"""
 
 RECORD_LOST_ATTEMPT = """
 INSERT INTO job_attempts (
@@ -38,6 +67,7 @@ class RecoveryReport:
 
     retried: list[int] = dataclasses.field(default_factory=list)
     failed: list[int] = dataclasses.field(default_factory=list)
+    skipped: list[int] = dataclasses.field(default_factory=list)
 
 
 def _gives_up(app: procrastinate.App, job: Job) -> bool:
@@ -46,6 +76,36 @@ def _gives_up(app: procrastinate.App, job: Job) -> bool:
     if isinstance(strategy, BackoffRetry):
         return strategy.gives_up(job.attempts)
     return strategy is None
+
+
+async def _recover_one(
+    app: procrastinate.App, job: Job, threshold: float
+) -> str | None:
+    """Retry or fail one stalled job; return the outcome, or None if it moved on."""
+    assert job.id is not None
+    gives_up = _gives_up(app, job)
+    rows = await app.connector.execute_query_all_async(
+        FAIL_STALLED_JOB if gives_up else RETRY_STALLED_JOB,
+        job_id=job.id,
+        worker_id=job.worker_id,
+        threshold=threshold,
+    )
+    if not rows:
+        return None
+    worker = job.worker_id if job.worker_id is not None else "gone"
+    await app.connector.execute_query_async(
+        RECORD_LOST_ATTEMPT,
+        job_id=job.id,
+        attempt=job.attempts + 1,
+        task_name=job.task_name,
+        queue_name=job.queue,
+        worker_id=job.worker_id,
+        message=(
+            f"worker {worker} stopped heartbeating for over {threshold:g} s while "
+            "running this job; the task may have run partly"
+        ),
+    )
+    return "failed" if gives_up else "retried"
 
 
 async def recover_stalled_jobs(
@@ -58,52 +118,45 @@ async def recover_stalled_jobs(
     )
     for job in stalled:
         assert job.id is not None
-        gives_up = _gives_up(app, job)
         worker = job.worker_id if job.worker_id is not None else "gone"
-        message = (
-            f"worker {worker} stopped heartbeating for over {threshold:g} s while "
-            "running this job; the task may have run partly"
-        )
-        await app.connector.execute_query_async(
-            RECORD_LOST_ATTEMPT,
-            job_id=job.id,
-            attempt=job.attempts + 1,
-            task_name=job.task_name,
-            queue_name=job.queue,
-            worker_id=job.worker_id,
-            message=message,
-        )
-        if gives_up:
-            await app.job_manager.finish_job_by_id_async(
-                job_id=job.id, status=Status.FAILED, delete_job=False
+        fields = {
+            "job_id": job.id,
+            "task": job.task_name,
+            "queue": job.queue,
+            "old_worker_id": job.worker_id,
+        }
+        outcome = await _recover_one(app, job, threshold)
+        if outcome is None:
+            report.skipped.append(job.id)
+            logger.info(
+                "Stalled job %s of worker %s moved on before the sweep reached it; "
+                "left alone", job.id, worker,
+                extra={"action": "stalled_job_skipped", **fields},
             )
+            continue
+        if outcome == "failed":
             report.failed.append(job.id)
-            outcome = "failed, no attempts left"
+            text = "failed, no attempts left"
         else:
-            await app.job_manager.retry_job_by_id_async(
-                job_id=job.id, retry_at=datetime.datetime.now(datetime.timezone.utc)
-            )
             report.retried.append(job.id)
-            outcome = "retried"
+            text = "retried"
         logger.warning(
             "Stalled job %s of dead worker %s %s",
-            job.id, worker, outcome,
-            extra={
-                "action": "stalled_job_recovered",
-                "job_id": job.id,
-                "task": job.task_name,
-                "queue": job.queue,
-                "old_worker_id": job.worker_id,
-                "outcome": "failed" if gives_up else "retried",
-            },
+            job.id, worker, text,
+            extra={"action": "stalled_job_recovered", "outcome": outcome, **fields},
         )
-    logger.info(
-        "Stalled-job sweep: %d retried, %d failed",
-        len(report.retried), len(report.failed),
+    # A sweep that found nothing runs every STALLED_JOB_CHECK_INTERVAL; its
+    # summary is DEBUG so that it does not flood the log.
+    found = report.retried or report.failed or report.skipped
+    logger.log(
+        logging.INFO if found else logging.DEBUG,
+        "Stalled-job sweep: %d retried, %d failed, %d skipped",
+        len(report.retried), len(report.failed), len(report.skipped),
         extra={
             "action": "stalled_jobs_swept",
             "retried": len(report.retried),
             "failed": len(report.failed),
+            "skipped": len(report.skipped),
         },
     )
     return report

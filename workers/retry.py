@@ -21,6 +21,7 @@ import datetime
 import email.utils
 import math
 import random
+import re
 
 import attr
 import httpx
@@ -36,6 +37,8 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 # 2 ** 64 seconds exceeds any cap; larger exponents are clamped to avoid overflow.
 _MAX_EXPONENT = 64
 _DECISION_ATTR = "_fleet_retry_decision"
+# RFC 9110 section 10.2.3: delay-seconds is 1*DIGIT, ASCII digits only.
+_DELAY_SECONDS = re.compile(r"[0-9]+")
 
 
 class UpstreamHTTPError(Exception):
@@ -77,7 +80,7 @@ def parse_retry_after(value: str | None, now: datetime.datetime) -> float | None
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
+    if _DELAY_SECONDS.fullmatch(text):
         return float(int(text))
     try:
         when = email.utils.parsedate_to_datetime(text)
@@ -177,9 +180,9 @@ def is_shutdown_abort(exc: BaseException) -> bool:
 
 def describe_failure(exc: BaseException) -> str:
     """Return a one-line description of an attempt's error for records and logs."""
-    if isinstance(exc, JobTimeout):
+    if isinstance(exc, (JobTimeout, UpstreamHTTPError, RedirectRejected,
+                        InvalidTaskArguments)):
         return str(exc)
-    text = str(exc).strip()
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    return f"{name}: {text}" if text and not isinstance(exc, UpstreamHTTPError) \
-        else (text or name)
+    return f"{name}: {text}" if text else name

@@ -1,8 +1,8 @@
 """Run one Procrastinate worker in this process until a stop signal or a failure.
 
 Used by the worker and scheduler entry points. The process exits 0 only when a stop
-signal (SIGTERM from supervisorctl, SIGINT) ended it; any other end, such as a lost
-database connection, exits 1 so that supervisord starts it again.
+signal (SIGTERM from supervisorctl, SIGINT) ended it. Any other end, such as a lost
+database connection, exits 1, and supervisord starts the process again.
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import procrastinate
+import psycopg
+import psycopg_pool
+from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate.worker import Worker
 
 from workers import http
 from workers.app import build_app
-from workers.errors import ConfigurationError, SchemaMismatchError
 from workers.identity import host_name, process_name
-from workers.logs import configure_logging
 from workers.middleware import JobMiddleware
-from workers.settings import Settings, load_settings
-from workers.startup import (
-    StopRequested,
-    fail_fast,
-    require_database_url,
-    wait_for_database,
-)
+from workers.settings import Settings
+from workers.startup import prepare_process
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +44,28 @@ UPDATE worker_processes SET stopped_at = now() WHERE worker_id = %(worker_id)s
 """
 
 
+POOL_STATS = """
+UPDATE worker_processes
+   SET pool_min_size = %(pool_min)s, pool_max_size = %(pool_max)s,
+       pool_size = %(pool_size)s, pool_available = %(pool_available)s,
+       pool_requests_waiting = %(requests_waiting)s, pool_stats_at = now()
+ WHERE worker_id = %(worker_id)s
+"""
+
+# Seconds between two fetches when no NOTIFY arrives. A retry scheduled for later
+# sends no notification, so this bounds how late a due retry starts; Procrastinate's
+# default is 5 s. Each poll is one indexed query per idle worker process.
+FETCH_POLL_INTERVAL = 1.0
+
+# Errors that mean the database went away. The process then exits 1, supervisord
+# starts it again, and the new process waits for the database at start.
+DATABASE_ERRORS = (
+    procrastinate_exceptions.ConnectorException,
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+)
+
+
 class FleetWorker:
     """A Procrastinate worker with this project's middleware, signals and records."""
 
@@ -57,6 +76,8 @@ class FleetWorker:
         queues: Sequence[str],
         concurrency: int,
         shutdown_timeout: float,
+        *,
+        app: procrastinate.App | None = None,
     ) -> None:
         self.settings = settings
         self.role = role
@@ -64,8 +85,11 @@ class FleetWorker:
         self.concurrency = concurrency
         self.shutdown_timeout = shutdown_timeout
         self.name = process_name(role)
+        self.app = app
         self.stop_signal: int | None = None
         self.worker: Worker | None = None
+        self.worker_id: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_signal(self, signum: int) -> None:
         if self.stop_signal is None:
@@ -84,19 +108,41 @@ class FleetWorker:
         if self.worker is not None:
             self.worker.stop()
 
-    async def run(self) -> int:
-        """Run until stopped; return the process exit code."""
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop as a stop signal would; safe to call from another thread."""
+        loop = self._loop
+        if loop is None:
+            self.stop_signal = signum
+            return
+        loop.call_soon_threadsafe(self._on_signal, signum)
 
-        app = build_app(self.settings, self.role)
+    async def run(self, *, install_signal_handlers: bool = True) -> int:
+        """Run until stopped; return the process exit code."""
+        self._loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            return await self._run()
+        except DATABASE_ERRORS as exc:
+            logger.warning(
+                "Worker %s lost the database (%s); exiting 1 so that supervisord "
+                "starts it again", self.name, _first_line(exc),
+                extra={"action": "worker_database_lost", "process_name": self.name},
+            )
+            return 1
+        finally:
+            self._loop = None
+
+    async def _run(self) -> int:
+        app = self.app or build_app(self.settings, self.role)
         async with app.open_async():
             self.worker = Worker(
                 app=app,
                 queues=self.queues,
                 name=self.name,
                 concurrency=self.concurrency,
+                fetch_job_polling_interval=FETCH_POLL_INTERVAL,
                 shutdown_graceful_timeout=self.shutdown_timeout,
                 delete_jobs="never",
                 additional_context={"settings": self.settings},
@@ -110,9 +156,15 @@ class FleetWorker:
             if self.stop_signal is not None:
                 return 0
             run_task = asyncio.create_task(self.worker.run(), name="worker run")
-            await self._register(app, run_task)
+            stats_task: asyncio.Task[None] | None = None
             try:
+                if await self._register(run_task):
+                    stats_task = asyncio.create_task(
+                        self._report_pool_stats(app), name="pool stats"
+                    )
                 await run_task
+            except DATABASE_ERRORS:
+                raise
             except Exception as exc:
                 logger.error(
                     "Worker %s stopped on an error: %s", self.name, exc,
@@ -121,6 +173,12 @@ class FleetWorker:
                 )
                 return 1
             finally:
+                if stats_task is not None:
+                    stats_task.cancel()
+                    await asyncio.gather(stats_task, return_exceptions=True)
+                if not run_task.done():
+                    self.worker.stop()
+                    await asyncio.gather(run_task, return_exceptions=True)
                 await self._mark_stopped(app)
                 await http.close_client()
 
@@ -135,17 +193,21 @@ class FleetWorker:
                     extra={"action": "worker_stopped", "process_name": self.name})
         return 0
 
-    async def _register(self, app: object, run_task: asyncio.Task[None]) -> None:
+    async def _register(self, run_task: asyncio.Task[None]) -> bool:
+        """Wait for the Procrastinate worker id and record this process under it."""
         assert self.worker is not None
         while self.worker.worker_id is None and not run_task.done():
             await asyncio.sleep(0.02)
         if self.worker.worker_id is None:
-            return
-        self._registered_id = self.worker.worker_id
+            return False
+        self.worker_id = self.worker.worker_id
+        if self.stop_signal is not None:
+            # Worker.run() clears a stop requested before it started.
+            self.worker.stop()
         try:
             await self.worker.app.connector.execute_query_async(
                 REGISTER_PROCESS,
-                worker_id=self.worker.worker_id,
+                worker_id=self.worker_id,
                 host=host_name(),
                 pid=os.getpid(),
                 process_name=self.name,
@@ -156,47 +218,57 @@ class FleetWorker:
         except Exception as exc:  # noqa: BLE001 - the record is informative only
             logger.warning("Could not record worker %s: %s", self.name, exc,
                            extra={"action": "worker_record_failed"})
-            return
+            return False
         logger.info(
             "Worker %s registered as Procrastinate worker %s on queues %s, "
-            "concurrency %d", self.name, self.worker.worker_id,
+            "concurrency %d", self.name, self.worker_id,
             ",".join(self.queues), self.concurrency,
             extra={"action": "worker_registered", "process_name": self.name,
-                   "worker_id": self.worker.worker_id},
+                   "worker_id": self.worker_id},
         )
+        return True
 
-    async def _mark_stopped(self, app: object) -> None:
-        worker_id = getattr(self, "_registered_id", None)
-        if worker_id is None or self.worker is None:
+    async def _report_pool_stats(self, app: procrastinate.App) -> None:
+        """Store this process's pool counters every heartbeat interval."""
+        interval = self.settings.heartbeat_interval
+        connector = app.connector
+        while True:
+            stats = connector.pool.get_stats()  # type: ignore[attr-defined]
+            try:
+                await connector.execute_query_async(
+                    POOL_STATS,
+                    worker_id=self.worker_id,
+                    pool_min=stats.get("pool_min"),
+                    pool_max=stats.get("pool_max"),
+                    pool_size=stats.get("pool_size"),
+                    pool_available=stats.get("pool_available"),
+                    requests_waiting=stats.get("requests_waiting", 0),
+                )
+            except Exception as exc:  # noqa: BLE001 - the worker notices outages
+                logger.debug("Could not store pool stats: %s", exc,
+                             extra={"action": "pool_stats_failed"})
+            await asyncio.sleep(interval)
+
+    async def _mark_stopped(self, app: procrastinate.App) -> None:
+        if self.worker_id is None:
             return
         try:
-            await self.worker.app.connector.execute_query_async(
-                MARK_STOPPED, worker_id=worker_id
+            await app.connector.execute_query_async(
+                MARK_STOPPED, worker_id=self.worker_id
             )
         except Exception as exc:  # noqa: BLE001 - the database may be gone
-            logger.warning("Could not mark worker %s stopped: %s", self.name, exc,
+            logger.warning("Could not mark worker %s stopped: %s", self.name,
+                           _first_line(exc),
                            extra={"action": "worker_record_failed"})
 
 
-def main(role: str) -> None:
-    """Entry point of the worker and scheduler processes."""
-    try:
-        settings = load_settings()
-    except ConfigurationError as exc:
-        fail_fast(exc)
-        return
-    configure_logging(settings, process_name=process_name(role))
-    try:
-        url = require_database_url(settings)
-        wait_for_database(url, settings, role=role)
-    except (ConfigurationError, SchemaMismatchError) as exc:
-        fail_fast(exc)
-        return
-    except StopRequested:
-        logger.info("Stopped while waiting for the database",
-                    extra={"action": "stopped_during_startup"})
-        sys.exit(0)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
+
+def run_process(settings: Settings, role: str) -> None:
+    """Run the worker or scheduler of a prepared process and exit with its code."""
     if role == "scheduler":
         queues: list[str] = ["maintenance"]
         concurrency = 2
@@ -207,3 +279,8 @@ def main(role: str) -> None:
         timeout = settings.worker_shutdown_timeout
     fleet_worker = FleetWorker(settings, role, queues, concurrency, timeout)
     sys.exit(asyncio.run(fleet_worker.run()))
+
+
+def main(role: str) -> None:
+    """Entry point of the worker and scheduler processes."""
+    run_process(prepare_process(role), role)

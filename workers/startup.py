@@ -8,6 +8,7 @@ for an outage. A schema that does not match this release stops the process inste
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -65,7 +66,7 @@ class _StartupSignals:
 def wait_for_database(
     url: str, settings: Settings, role: str, *, check: bool = True
 ) -> None:
-    """Block until the database answers and, with ``check``, the schema matches."""
+    """Block until the database accepts connections and, with ``check``, matches."""
     where = database_host(url)
     attempt = 0
     delay = RECONNECT_FIRST_DELAY
@@ -113,7 +114,43 @@ def wait_for_database(
 
 
 def fail_fast(exc: Exception) -> None:
-    """Print a configuration or schema error and exit so supervisord stops retrying."""
+    """Print a configuration or schema error and exit so supervisord stops retrying.
+
+    The process ends with ``os._exit`` after flushing its output, skipping the
+    interpreter's teardown: exiting within supervisord's ``startsecs`` is what
+    makes it count the start as failed and go FATAL instead of restarting it.
+    """
     print(f"error: {exc}", file=sys.stderr, flush=True)
     logger.critical("%s", exc, extra={"action": "startup_failed"})
-    sys.exit(EXIT_CONFIG)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(EXIT_CONFIG)
+
+
+def prepare_process(role: str) -> Settings:
+    """Load the settings, set up logging and wait for a database that matches.
+
+    Exits with EXIT_CONFIG on invalid settings or a schema behind the code, and
+    with 0 on a stop signal received meanwhile. It imports neither Procrastinate
+    nor httpx, so that these checks finish soon after the process starts.
+    """
+    from workers.identity import process_name
+    from workers.logs import configure_logging
+    from workers.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        fail_fast(exc)
+        raise  # not reached: fail_fast exits
+    configure_logging(settings, process_name=process_name(role))
+    try:
+        url = require_database_url(settings)
+        wait_for_database(url, settings, role=role)
+    except (ConfigurationError, SchemaMismatchError) as exc:
+        fail_fast(exc)
+    except StopRequested:
+        logger.info("Stopped while waiting for the database",
+                    extra={"action": "stopped_during_startup"})
+        sys.exit(0)
+    return settings

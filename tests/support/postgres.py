@@ -4,7 +4,7 @@
 on a free loopback port with durability turned off (fsync, synchronous_commit and
 full_page_writes off). Run as root, it runs as the account ``postgres``, else
 ``nobody``, through setpriv. ``stop()`` asks for a fast shutdown and deletes the
-folder.
+folder; ``halt()`` and ``resume()`` stop and restart it in place, for outage tests.
 """
 
 from __future__ import annotations
@@ -278,6 +278,28 @@ class PostgresServer:
             f"the test PostgreSQL server did not accept connections within "
             f"{START_TIMEOUT:g} s; its log is {self._log_file}"
         )
+
+    def halt(self) -> None:
+        """Stop the server with a fast shutdown, keeping its data for ``resume``."""
+        process, self._process = self._process, None
+        if process is None:
+            raise RuntimeError("the test PostgreSQL server is not running")
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        logger.info("test PostgreSQL server on port %s halted", self.port)
+
+    def resume(self) -> None:
+        """Start a halted server again on the same port and data folder."""
+        if self._process is not None:
+            raise RuntimeError("the test PostgreSQL server is already running")
+        if self.directory is None:
+            raise RuntimeError("the test PostgreSQL server was stopped for good")
+        self._start_server(last_attempt=True)
+        logger.info("test PostgreSQL server on port %s resumed", self.port)
 
     def stop(self) -> None:
         """Stop the server with a fast shutdown and delete its folder."""

@@ -13,16 +13,29 @@ import logging
 from pathlib import Path
 
 import psycopg
-from procrastinate.schema import SchemaManager
 
 from workers.errors import SchemaMismatchError
+from workers.schema.objects import missing_objects
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent
 # Arbitrary constant shared by every process that applies the schema.
 SCHEMA_LOCK_ID = 7_316_402_118
-PROJECT_SCHEMA_VERSION = len(sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql")))
+
+
+
+def _migrations() -> list[tuple[int, Path]]:
+    """Return the project's migration files with their numbers, in order."""
+    found = [
+        (int(path.name[:3]), path)
+        for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql")
+    ]
+    return sorted(found)
+
+
+# The highest migration number: the project schema version this release expects.
+PROJECT_SCHEMA_VERSION = max((number for number, _ in _migrations()), default=0)
 
 
 def installed_procrastinate_version() -> str:
@@ -34,12 +47,12 @@ def _minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _migrations() -> list[Path]:
-    return sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql"))
-
-
 def apply_schema(conninfo: str) -> bool:
     """Apply missing parts of the schema; return True when anything was applied."""
+    # Imported here: processes check the schema at start before they import
+    # Procrastinate, so that a mismatch exits well within supervisord's startsecs.
+    from procrastinate.schema import SchemaManager
+
     applied = False
     with psycopg.connect(conninfo, autocommit=False) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
@@ -55,7 +68,7 @@ def apply_schema(conninfo: str) -> bool:
             applied = True
 
         current = _project_version(conn)
-        for number, path in enumerate(_migrations(), start=1):
+        for number, path in _migrations():
             if number <= current:
                 continue
             logger.info(
@@ -121,16 +134,19 @@ def check_schema_rows(
             f"Procrastinate {installed} is installed; apply Procrastinate's "
             "migrations for that upgrade, then run `python -m workers.schema apply`"
         )
-    if int(project_version) != PROJECT_SCHEMA_VERSION:
-        newer = int(project_version) > PROJECT_SCHEMA_VERSION
-        fix = (
-            "deploy the newer release of this project"
-            if newer
-            else "run `python -m workers.schema apply`"
+    if int(project_version) < PROJECT_SCHEMA_VERSION:
+        # The setup program applies the project's migrations at start, so an
+        # older project schema is waited for rather than rejected.
+        raise SchemaNotApplied(
+            f"the database holds project schema version {project_version} but this "
+            f"release expects {PROJECT_SCHEMA_VERSION}; run "
+            "`python -m workers.schema apply` (the setup program does it at start)"
         )
+    if int(project_version) > PROJECT_SCHEMA_VERSION:
         raise SchemaMismatchError(
             f"the database holds project schema version {project_version} but this "
-            f"release expects {PROJECT_SCHEMA_VERSION}; {fix}"
+            f"release expects {PROJECT_SCHEMA_VERSION}; deploy the newer release of "
+            "this project"
         )
 
 
@@ -150,3 +166,13 @@ def check_schema(conninfo: str) -> None:
         row = conn.execute(CHECK_QUERY).fetchone()
         assert row is not None
         check_schema_rows(row[0], row[1])
+        missing = missing_objects(conn)
+    if missing:
+        raise SchemaMismatchError(
+            "the database schema is behind the code: missing "
+            + ", ".join(missing)
+            + f". Apply Procrastinate's migrations up to "
+            f"{installed_procrastinate_version()} (pre-migrations before deploying "
+            "new code, post-migrations after), then run "
+            "`python -m workers.schema apply`"
+        )

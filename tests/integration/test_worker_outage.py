@@ -1,0 +1,125 @@
+"""A worker process across a PostgreSQL outage: it waits, reconnects and listens.
+
+The test runs a PostgreSQL server of its own, so that stopping it touches no other
+test. The outage lasts a few seconds here and 30 s with ``FULL=1``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.faults import (
+    WorkerProcess,
+    defer_job,
+    events,
+    fleet_environment,
+    fleet_settings,
+    wait_for_status,
+    wait_until,
+)
+from tests.support.postgres import PostgresServer, create_database
+from tests.support.upstream import Upstream
+from workers.schema import apply_schema
+from workers.startup import RECONNECT_MAX_DELAY
+
+NOT_READY = re.compile(
+    r"WARNING workers\.startup: Database at \S+ not ready \(attempt (\d+)\): .*; "
+    r"retrying in ([0-9.]+) s"
+)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """Yield a PostgreSQL server of this test alone, so it can be stopped."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as server:
+        yield server
+
+
+def start_latency(database_url: str, job_id: int) -> float:
+    """Return the seconds between a job's deferred and started events."""
+    times = {event["type"]: event["at"] for event in events(database_url, job_id)}
+    return (times["started"] - times["deferred"]).total_seconds()
+
+
+def test_worker_waits_out_outage(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path,
+    full_run: bool,
+) -> None:
+    outage = 30 if full_run else 4
+    database_url = create_database(own_postgres.url, "outage")
+    apply_schema(database_url)
+    environment = fleet_environment(database_url, upstream.url, DB_CONNECT_TIMEOUT="2")
+    settings = fleet_settings(database_url, upstream.url)
+
+    own_postgres.halt()
+    with WorkerProcess(environment, tmp_path, name="worker_00") as process:
+        # Started during the outage: it waits, one WARNING per attempt.
+        process.wait_for_log(NOT_READY.pattern, timeout=outage + 10, count=4)
+        wait_until(lambda: len(NOT_READY.findall(process.log())) >= outage // 2,
+                   outage + 10, "the outage to go on")
+        own_postgres.resume()
+        process.wait_registered(timeout=20)
+
+        attempts = NOT_READY.findall(process.log())
+        numbers = [int(number) for number, _ in attempts]
+        delays = [float(delay) for _, delay in attempts]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert delays == sorted(delays)
+        assert max(delays) == RECONNECT_MAX_DELAY
+
+        for _ in range(3):
+            job_id = defer_job(settings, "fetch_joke")
+            wait_for_status(database_url, job_id, "succeeded", timeout=10)
+            assert start_latency(database_url, job_id) < 1.0
+
+        # Outage while running: the worker exits 1 for supervisord to restart it.
+        own_postgres.halt()
+        code = process.wait(outage + 30)
+        own_postgres.resume()
+    assert code == 1
+    log = process.log()
+    assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",
+                     log)
+    assert " CRITICAL " not in log
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+
+
+def test_restarted_worker_listens_again(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    database_url = create_database(own_postgres.url, "listen")
+    apply_schema(database_url)
+    environment = fleet_environment(database_url, upstream.url, DB_CONNECT_TIMEOUT="2")
+    settings = fleet_settings(database_url, upstream.url)
+
+    with WorkerProcess(environment, tmp_path, name="worker_00") as first:
+        first.wait_registered()
+        own_postgres.halt()
+        assert first.wait(30) == 1
+    # What supervisord does next: start the program again while the database
+    # is still down.
+    with WorkerProcess(environment, tmp_path, name="worker_01") as second:
+        second.wait_for_log(NOT_READY.pattern, timeout=10, count=2)
+        own_postgres.resume()
+        second.wait_registered(timeout=20)
+        latencies = []
+        for _ in range(3):
+            job_id = defer_job(settings, "fetch_joke")
+            wait_for_status(database_url, job_id, "succeeded", timeout=10)
+            latencies.append(start_latency(database_url, job_id))
+        second.signal(signal.SIGTERM)
+        assert second.wait(15) == 0
+    # A poll would find a job after up to a second; these were woken by NOTIFY.
+    assert max(latencies) < 0.5, latencies
