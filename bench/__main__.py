@@ -73,11 +73,15 @@ def _runner(name: str) -> Callable[[BenchConfig, BenchServer], list[Target]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks and print one line per target."""
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS],
-                        metavar="NAME", help=f"any of {', '.join(BENCHMARKS)}")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"any of {', '.join(BENCHMARKS)}; default all")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, to check the benchmarks themselves")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; expected any of "
+                     f"{', '.join(BENCHMARKS)}")
     logging.basicConfig(level=logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     names = [name for name in BENCHMARKS if name in args.names] or list(BENCHMARKS)
+
     started = time.monotonic()
     targets: list[Target] = []
     with BenchServer(config.server_url) as server:
@@ -97,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 targets.extend(_runner(name)(config, server))
             except Exception as exc:  # noqa: BLE001 - report and run the rest
                 logger.exception("benchmark %s failed", name)
-                targets.append(unmeasured(name, "see the benchmark", 
+                targets.append(unmeasured(name, "the benchmark completes",
                                           f"{type(exc).__name__}: {exc}"))
             say(f"({name} took {time.monotonic() - began:.0f} s)")
+
     section(f"targets (run took {time.monotonic() - started:.0f} s)")
     for target in targets:
         say(target.line())

@@ -116,6 +116,13 @@ class BenchServer:
             self._server.stop()
 
     @property
+    def server_pid(self) -> int | None:
+        """Return the postmaster's pid for a server started here, else None."""
+        if self._server is None or self._server._process is None:
+            return None
+        return self._server._process.pid
+
+    @property
     def log_path(self) -> Path | None:
         """Return the log file of a server started here, else None."""
         return self._server.log_path if self._server is not None else None

@@ -103,7 +103,7 @@ def show_statements(label: str, counts: StatementCount) -> None:
 def _post_form(client: httpx.Client, fields: dict[str, str]) -> None:
     response = client.post(FORM_PATH, data=fields)
     if response.status_code not in (302, 303):
-        raise RuntimeError(f"POST {FORM_PATH} answered {response.status_code}: "
+        raise RuntimeError(f"POST {FORM_PATH} returned status {response.status_code}: "
                            f"{response.text[:300]}")
 
 
@@ -176,7 +176,7 @@ def run_defer(config: BenchConfig, server: BenchServer) -> list[Target]:
         with contextlib.closing(panel.client()) as client:
             form_status = client.get(FORM_PATH).status_code
         if form_status != 200:
-            reason = f"GET {FORM_PATH} answered {form_status}"
+            reason = f"GET {FORM_PATH} returned status {form_status}"
             say(f"defer form: pending ({reason})")
             targets.append(unmeasured("form_defer_statements",
                                       "bare defer() + the audit row", reason))
@@ -224,7 +224,7 @@ API_BATCH_PATH = "/api/v1/tasks/fetch_joke/jobs/batch"
 def _post_json(client: httpx.Client, path: str, body: dict[str, object]) -> None:
     response = client.post(path, json=body)
     if response.status_code != 201:
-        raise RuntimeError(f"POST {path} answered {response.status_code}: "
+        raise RuntimeError(f"POST {path} returned status {response.status_code}: "
                            f"{response.text[:300]}")
 
 
@@ -255,7 +255,7 @@ def _measure_api(server: BenchServer, panel: Panel, url: str, config: BenchConfi
     with client:
         status = client.post(API_DEFER_PATH, json={"arguments": {}}).status_code
         if status != 201:
-            reason = f"POST {API_DEFER_PATH} answered {status}"
+            reason = f"POST {API_DEFER_PATH} returned status {status}"
             say(f"API: pending ({reason})")
             return [unmeasured("api_batch_defer", goal, reason)]
         singles = _repeat(config.runs, lambda: api_rate(client, config.defers))

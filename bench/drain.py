@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,9 @@ from bench.processes import (
     Child,
     bench_environment,
     bench_worker_command,
+    cpu_seconds,
     start_child,
+    tree_cpu_seconds,
     wait_until,
 )
 from bench.report import Target, format_ratio, format_runs, median, say, section
@@ -42,11 +45,18 @@ POLL_INTERVAL = 0.25  # seconds between two counts of finished jobs
 
 @dataclasses.dataclass(frozen=True)
 class DrainRun:
-    """One drain: the jobs, the seconds from first start to last end, failures."""
+    """One drain: the jobs, the seconds from first start to last end, failures.
+
+    The CPU figures are milliseconds per job, taken from /proc between the first
+    tenth of the jobs and the last, so process start-up is not counted. They vary
+    far less than rates when other work shares the machine.
+    """
 
     jobs: int
     seconds: float
     failed: int
+    worker_cpu_ms: float = 0.0
+    database_cpu_ms: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -107,7 +117,7 @@ def start_workers(kind: str, url: str, processes: int, concurrency: int,
 def stop_all(children: list[Child]) -> None:
     """Send SIGTERM to every child, then wait for each."""
     for child in children:
-        child.kill(15)
+        child.kill(signal.SIGTERM)
     for child in children:
         child.stop()
 
@@ -125,17 +135,33 @@ def drain_once(url: str, kind: str, processes: int, concurrency: int,
     if server is not None:
         server.reset_statements(url)
     workers = start_workers(kind, url, processes, concurrency, run_dir)
+    what = f"{kind} {processes}x{concurrency} draining {jobs} jobs"
+    database_pid = server.server_pid if server is not None else None
     try:
         with FinishedJobs(url) as finished:
-            wait_until(lambda: finished.count() >= jobs, DRAIN_TIMEOUT,
-                       f"{kind} {processes}x{concurrency} draining {jobs} jobs",
+            wait_until(lambda: finished.count() >= jobs // 10, DRAIN_TIMEOUT, what,
                        workers, interval=POLL_INTERVAL)
+            first = (finished.count(), _cpu(workers, database_pid))
+            wait_until(lambda: finished.count() >= jobs, DRAIN_TIMEOUT, what,
+                       workers, interval=POLL_INTERVAL)
+            last = (finished.count(), _cpu(workers, database_pid))
     finally:
         stop_all(workers)
     if server is not None:
         _show_statements_per_job(server, url, kind, jobs)
     seconds, failed = measure_span(url)
-    return DrainRun(jobs=jobs, seconds=seconds, failed=failed)
+    done = max(last[0] - first[0], 1)
+    return DrainRun(
+        jobs=jobs, seconds=seconds, failed=failed,
+        worker_cpu_ms=(last[1][0] - first[1][0]) * 1000 / done,
+        database_cpu_ms=(last[1][1] - first[1][1]) * 1000 / done,
+    )
+
+
+def _cpu(workers: list[Child], database_pid: int | None) -> tuple[float, float]:
+    worker = sum(cpu_seconds(child.pid) for child in workers)
+    database = tree_cpu_seconds(database_pid) if database_pid else 0.0
+    return worker, database
 
 
 def _show_statements_per_job(server: BenchServer, url: str, kind: str,
@@ -159,6 +185,7 @@ def run_drain(config: BenchConfig, server: BenchServer) -> list[Target]:
     defaults = load_settings({})
     default_shape = (defaults.worker_processes, defaults.worker_concurrency)
     rates: dict[tuple[str, int, int], list[float]] = {}
+    cpu: dict[tuple[str, int, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as folder:
         run_dir = Path(folder)
         for run in range(config.runs):
@@ -178,7 +205,11 @@ def run_drain(config: BenchConfig, server: BenchServer) -> list[Target]:
                     say(f"run {run + 1} {kind} {processes}x{concurrency}: "
                         f"{result.rate:.1f} jobs/s ({result.jobs} jobs in "
                         f"{result.seconds:.2f} s; wall "
-                        f"{time.monotonic() - started:.1f} s)")
+                        f"{time.monotonic() - started:.1f} s); CPU per job: "
+                        f"workers {result.worker_cpu_ms:.2f} ms, database "
+                        f"{result.database_cpu_ms:.2f} ms")
+                    cpu.setdefault((kind, processes, concurrency), []).append(
+                        result.worker_cpu_ms + result.database_cpu_ms)
     targets = []
     for processes, concurrency in COMPARED:
         bare = rates[("bare", processes, concurrency)]
@@ -187,6 +218,9 @@ def run_drain(config: BenchConfig, server: BenchServer) -> list[Target]:
         say(f"bare {shape}: {format_runs(bare, 'jobs/s')}")
         say(f"product {shape}: {format_runs(product, 'jobs/s')}")
         say(format_ratio(f"drain_{shape}", median(product), median(bare)))
+        say(f"CPU per job {shape}, workers and database: bare "
+            f"{median(cpu[('bare', processes, concurrency)]):.2f} ms, product "
+            f"{median(cpu[('product', processes, concurrency)]):.2f} ms")
         share = median(product) / median(bare) if median(bare) else 0.0
         targets.append(Target(
             f"drain_{shape}",

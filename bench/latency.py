@@ -1,8 +1,9 @@
 """Latency from defer to start, with idle workers, p50 and p95.
 
-The defer time is taken in this process just before the defer starts (before the
-HTTP request is sent, for the panel); the start time is the ``started`` event that
-PostgreSQL records when a worker fetches the job. Both clocks are this machine's.
+The defer time is taken in this process just before the defer starts, which for the
+panel is before the HTTP request is sent. The start time is the ``started`` event
+that PostgreSQL records when a worker fetches the job. Both clocks are this
+machine's.
 Each sample waits until the previous job finished and then pauses a little, so the
 workers are idle when the job arrives.
 
@@ -10,7 +11,7 @@ workers are idle when the job arrives.
 - product, direct: the same defer to the product's workers (default stack shape),
   which separates the worker's pick-up from the panel's own time;
 - product, panel: ``POST /defer/fetch_joke`` to the same workers, with a loopback
-  upstream answering the task's HTTP call.
+  upstream serving the task's HTTP call.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FORM_PATH = "/defer/fetch_joke"
 JOB_TIMEOUT = 30.0  # seconds one sample may wait for its job to start and end
+READY_INTERVAL = 0.2  # seconds between two looks for registered workers
 _JOB_LOCATION = re.compile(r"/jobs/(\d+)")
 
 
@@ -130,7 +132,7 @@ def _measure_workers(url: str, kind: str, shape: tuple[int, int], run_dir: Path,
     workers = start_workers(kind, url, shape[0], shape[1], run_dir)
     try:
         wait_until(_workers_ready(url, shape[0]), 60, f"{kind} workers to start",
-                   workers)
+                   workers, interval=READY_INTERVAL)
         return sample_latencies(url, defer, config.latency_samples, workers)
     finally:
         stop_all(workers)
@@ -143,14 +145,14 @@ def _measure_panel(url: str, shape: tuple[int, int], run_dir: Path,
             contextlib.closing(panel.client()) as client:
         page = client.get(FORM_PATH)
         if page.status_code != 200:
-            return f"GET {FORM_PATH} answered {page.status_code}"
+            return f"GET {FORM_PATH} returned status {page.status_code}"
         fields = form_fields(page.text)
 
         def defer_by_form() -> int:
             response = client.post(FORM_PATH, data=fields)
             match = _JOB_LOCATION.search(response.headers.get("location", ""))
             if response.status_code not in (302, 303) or match is None:
-                raise RuntimeError(f"POST {FORM_PATH} answered "
+                raise RuntimeError(f"POST {FORM_PATH} returned status "
                                    f"{response.status_code} without a job page")
             return int(match.group(1))
 
@@ -158,7 +160,8 @@ def _measure_panel(url: str, shape: tuple[int, int], run_dir: Path,
                                 API_BASE_URL=upstream_url)
         try:
             wait_until(_workers_ready(url, shape[0]), 60,
-                       "product workers to start", workers)
+                       "product workers to start", workers,
+                       interval=READY_INTERVAL)
             return sample_latencies(url, defer_by_form, config.latency_samples,
                                     workers)
         finally:

@@ -3,7 +3,7 @@
 BENCH_MEMORY_JOBS jobs (half store a result row) are seeded, then two product
 workers (the default stack shape), the product scheduler and gunicorn (default
 WEB_WORKERS) run while two clients browse the panel. VmRSS of every process is read
-from /proc/PID/status after each tenth of the jobs finished; the figure that counts
+from /proc/PID/status after each tenth of the jobs finished. The figure that counts
 is the growth from the sample at 10,000 finished jobs to the end. "Flat" means that
 growth stays within the noise allowance: max(FLAT_ALLOWANCE_KIB, FLAT_ALLOWANCE
 of the first sample).
@@ -61,6 +61,21 @@ def _sample(kinds: dict[str, list[int]]) -> dict[str, list[int]]:
     return {kind: [rss_kib(pid) for pid in pids] for kind, pids in kinds.items()}
 
 
+def start_fleet(url: str, run_dir: Path) -> list[Child]:
+    """Start the default number of product workers, then the scheduler (last)."""
+    defaults = load_settings({})
+    environment = bench_environment(url, run_dir)
+    children = [
+        start_child(f"worker-{index}", bench_worker_command("product"),
+                    environment, run_dir)
+        for index in range(defaults.worker_processes)
+    ]
+    children.append(start_child(
+        "scheduler", bench_worker_command("product", "scheduler"),
+        environment, run_dir))
+    return children
+
+
 def run_memory(config: BenchConfig, server: BenchServer) -> list[Target]:
     """Drain BENCH_MEMORY_JOBS jobs while sampling RSS; return the memory target."""
     jobs = config.memory_jobs
@@ -70,22 +85,13 @@ def run_memory(config: BenchConfig, server: BenchServer) -> list[Target]:
     url = server.new_database("bench_memory")
     reset_jobs(url)
     asyncio.run(defer_batches(url, PRODUCT_TASKS, jobs))
-    defaults = load_settings({})
     marks = sorted({first_at, *range(first_at, jobs + 1, max(jobs // 10, 1)),
                     jobs})
     samples: list[tuple[int, dict[str, list[int]]]] = []
+
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as folder, \
             Panel(url, Path(folder)) as panel:
-        run_dir = Path(folder)
-        environment = bench_environment(url, run_dir)
-        children: list[Child] = [
-            start_child(f"worker-{index}", bench_worker_command("product"),
-                        environment, run_dir)
-            for index in range(defaults.worker_processes)
-        ]
-        children.append(start_child(
-            "scheduler", bench_worker_command("product", "scheduler"),
-            environment, run_dir))
+        children = start_fleet(url, Path(folder))
         stop = threading.Event()
         browsers = [threading.Thread(target=_browse, args=(panel, stop),
                                      daemon=True) for _ in range(2)]
@@ -94,6 +100,7 @@ def run_memory(config: BenchConfig, server: BenchServer) -> list[Target]:
         kinds = {"worker": [child.pid for child in children[:-1]],
                  "scheduler": [children[-1].pid],
                  "gunicorn worker": panel.worker_pids()}
+
         try:
             with FinishedJobs(url) as finished:
                 for mark in marks:
@@ -109,6 +116,7 @@ def run_memory(config: BenchConfig, server: BenchServer) -> list[Target]:
             for thread in browsers:
                 thread.join(10)
             stop_all(children)
+
     return [_target(samples, first_at)]
 
 

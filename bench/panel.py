@@ -1,10 +1,10 @@
 """The panel at scale: every page and listing timed over a seeded database.
 
 The database is seeded with BENCH_JOBS jobs (bench/seed.py), then gunicorn serves
-the panel with its defaults and one logged-in client requests each page once to
-warm it up and BENCH_REQUESTS times more, one request at a time; p50 and p95 are
+the panel with its defaults. One logged-in client requests each page once to warm
+it up and BENCH_REQUESTS times more, one request at a time, and p50 and p95 are
 taken over those. The sample values (deep keyset positions, argument searches,
-job ids) come from the seeded rows. A route that answers 404 is reported as
+job ids) come from the seeded rows. A route that returns 404 is reported as
 pending. Then one more request per page runs with auto_explain on, and every
 statement that reads a large table with a sequential scan is printed with its
 plan; pg_stat_statements gives the slowest statements by mean time.
@@ -47,7 +47,7 @@ class Page:
     kind: str
     name: str
     path: str
-    # /healthz answers 503 while no worker runs, which is its normal answer here.
+    # /healthz returns 503 while no worker runs, which is its normal response here.
     accepted: tuple[int, ...] = (200,)
 
 
@@ -198,16 +198,9 @@ def run_panel(config: BenchConfig, server: BenchServer) -> list[Target]:
     section(f"panel at scale: {config.panel_jobs} jobs, {config.requests} "
             "requests per page after one warm-up request")
     url = server.new_database("bench_panel")
-    report = seed_jobs(url, config.panel_jobs)
-    seed_seconds = sum(report.seconds.values())
-    say(f"seed: {config.panel_jobs} jobs in {seed_seconds:.1f} s, of which "
-        f"VACUUM ANALYZE {report.seconds['vacuum']:.1f} s; rows: "
-        + ", ".join(f"{name} {rows}" for name, rows in report.rows.items()))
-    say("seed steps: " + ", ".join(f"{name} {seconds:.1f} s"
-                                   for name, seconds in report.seconds.items()))
-    targets = [Target(f"seed_{config.panel_jobs}_jobs", f"{seed_seconds:.1f} s",
-                      f"< {SEED_GOAL_S:g} s", seed_seconds < SEED_GOAL_S)]
+    targets = [_seed(url, config.panel_jobs)]
     values = sample_values(url, config.panel_jobs)
+
     with tempfile.TemporaryDirectory(prefix="bench-panel-") as folder, \
             Panel(url, Path(folder)) as panel, \
             contextlib.closing(panel.client()) as client:
@@ -218,13 +211,27 @@ def run_panel(config: BenchConfig, server: BenchServer) -> list[Target]:
                              config.requests)
                    for page in pages(values)]
         _show_timings(timings)
+
         if server.has_statements:
             _show_slowest(server, url)
         _show_plans(server, client, api_client, timings)
         if api_client is not client:
             api_client.close()
+
     targets.extend(_targets(timings))
     return targets
+
+
+def _seed(url: str, jobs: int) -> Target:
+    report = seed_jobs(url, jobs)
+    seed_seconds = sum(report.seconds.values())
+    say(f"seed: {jobs} jobs in {seed_seconds:.1f} s, of which VACUUM ANALYZE "
+        f"{report.seconds['vacuum']:.1f} s; rows: "
+        + ", ".join(f"{name} {rows}" for name, rows in report.rows.items()))
+    say("seed steps: " + ", ".join(f"{name} {seconds:.1f} s"
+                                   for name, seconds in report.seconds.items()))
+    return Target(f"seed_{jobs}_jobs", f"{seed_seconds:.1f} s",
+                  f"< {SEED_GOAL_S:g} s", seed_seconds < SEED_GOAL_S)
 
 
 def _show_timings(timings: list[Timing]) -> None:
@@ -290,7 +297,7 @@ def _targets(timings: list[Timing]) -> list[Target]:
         missing = [timing.page.name for timing in group if timing.status != 200]
         goal = f"p95 < {goal_ms:g} ms on every one"
         if not measured:
-            targets.append(unmeasured(name, goal, "no route answered 200: "
+            targets.append(unmeasured(name, goal, "no route returned 200: "
                                       + ", ".join(missing)))
             continue
         worst = max(measured, key=lambda timing: timing.p95)

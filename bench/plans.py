@@ -2,8 +2,8 @@
 
 During a capture, ``auto_explain.log_min_duration`` is 0 server-wide, so every
 statement's plan is written to the log as JSON. ``capture_plans`` returns the plans
-read back from the log; ``unindexed`` picks those that read a large table with a
-sequential scan, which is what the panel must never do at scale.
+read back from the log. ``unindexed`` picks those that read a large table with a
+sequential scan, which the panel must not do at scale unless a Limit stops it.
 """
 
 from __future__ import annotations

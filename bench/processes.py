@@ -143,6 +143,28 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS line; is {pid} a zombie?")
 
 
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU time (user + system) of process ``pid`` and its reaped children.
+
+    Reaped children count because PostgreSQL's postmaster collects the CPU time of
+    every backend that ended, so a connection that closed is not lost.
+    """
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name, which may contain spaces, start at "state";
+    # utime, stime, cutime and cstime are fields 14 to 17 of proc(5).
+    fields = text.rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """Return the CPU time of ``pid``, its reaped children and its live children."""
+    total = cpu_seconds(pid)
+    for child in child_pids(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(child)
+    return total
+
+
 def child_pids(pid: int) -> list[int]:
     """Return the ids of the direct children of process ``pid``."""
     path = Path(f"/proc/{pid}/task/{pid}/children")

@@ -3,10 +3,10 @@
 Every row comes from ``INSERT ... SELECT`` over ``generate_series``, with row
 triggers off (``session_replication_role = replica`` for a superuser, else the
 jobs table's own triggers are disabled), so 1,000,000 jobs take well under a
-minute. The rows follow the product's catalog: queues, tasks and argument shapes of
-fetch_joke, call_api and the maintenance tasks; the newest 3% of jobs are mostly
-waiting, older ones mostly finished; retried jobs have one started event and one
-job_attempts row per attempt, with timings that follow each other. Job i is
+minute. The rows follow the product's catalog: the queues, tasks and argument shapes of
+fetch_joke, call_api and the maintenance tasks. The newest 3% of jobs are mostly
+waiting and older ones mostly finished. A retried job has one started event and
+one job_attempts row per attempt, with timings that follow each other. Job i is
 created at ``now - SPAN + (i - 1) * SPAN / N``, so ids and times grow together.
 
 The values come from ``bench_u(id, k)``, a hash of the job id giving a number in
@@ -207,18 +207,19 @@ SELECT job_id, attempt, task_name, queue_name, started_at, ended_at,
        run * 1000, 'bench-host', 1000 + job_id %% 4, 'worker:worker_0' || job_id %% 2,
        NULL, outcome,
        CASE WHEN outcome IN ('error', 'failed') THEN 'UpstreamHTTPError' END,
-       CASE WHEN outcome = 'error' THEN 'upstream answered 503 Service Unavailable'
+       CASE WHEN outcome = 'error'
+                THEN 'upstream returned status 503 Service Unavailable'
             WHEN outcome = 'failed' AND attempts > 1
                 THEN 'gave up after ' || attempts || ' attempts; last error: '
-                     || 'upstream answered 503 Service Unavailable'
+                     || 'upstream returned status 503 Service Unavailable'
             WHEN outcome = 'failed'
-                THEN 'not retryable: upstream answered 404 Not Found'
+                THEN 'not retryable: upstream returned status 404 Not Found'
             WHEN outcome = 'aborted' THEN 'aborted on request' END,
        CASE WHEN outcome IN ('error', 'failed') THEN
             'Traceback (most recent call last):' || E'\\n'
             || '  File "/srv/workers/tasks/api.py", line 52, in call_api' || E'\\n'
             || '    response = await client.request(method, url, json=body)'
-            || E'\\n' || 'workers.retry.UpstreamHTTPError: upstream answered '
+            || E'\\n' || 'workers.retry.UpstreamHTTPError: upstream returned status '
             || CASE WHEN attempts > 1 OR outcome = 'error' THEN '503' ELSE '404'
                END END,
        CASE WHEN outcome IN ('error', 'failed')

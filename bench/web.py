@@ -17,14 +17,20 @@ from types import TracebackType
 import httpx
 import psycopg
 
-from bench.processes import Child, bench_environment, start_child, wait_until
+from bench.processes import (
+    Child,
+    bench_environment,
+    child_pids,
+    start_child,
+    wait_until,
+)
 from tests.support.panel import csrf_token
 from tests.support.postgres import free_port
 from workers.settings import PROJECT_DIR
 
 logger = logging.getLogger(__name__)
 
-START_TIMEOUT = 60.0  # seconds for gunicorn to answer its first request
+START_TIMEOUT = 60.0  # seconds for gunicorn to respond to its first request
 ADMIN_USERNAME = "admin"
 
 
@@ -62,7 +68,7 @@ class Panel:
              str(PROJECT_DIR / "conf" / "gunicorn.conf.py"), "wsgi:app"],
             self.environment, self.run_dir,
         )
-        wait_until(self._answers, START_TIMEOUT, "gunicorn answering /login",
+        wait_until(self._responds, START_TIMEOUT, "gunicorn responding to /login",
                    [self.child])
         return self
 
@@ -75,7 +81,7 @@ class Panel:
         if self.child is not None:
             self.child.stop()
 
-    def _answers(self) -> bool:
+    def _responds(self) -> bool:
         try:
             return httpx.get(f"{self.url}/login", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -115,7 +121,5 @@ class Panel:
 
     def worker_pids(self) -> list[int]:
         """Return the pids of gunicorn's worker processes."""
-        from bench.processes import child_pids
-
         assert self.child is not None
         return child_pids(self.child.pid)

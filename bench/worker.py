@@ -2,7 +2,7 @@
 
 ``product`` runs the product's FleetWorker (its settings from the environment, the
 JobMiddleware, its logging and records) with the bench tasks registered beside the
-product's tasks; ``--role scheduler`` runs the scheduler the same way. ``bare`` runs
+product's tasks. ``--role scheduler`` runs the scheduler the same way. ``bare`` runs
 ``procrastinate.App.run_worker_async`` with no middleware and no logging setup.
 """
 
@@ -15,19 +15,24 @@ import logging
 import os
 import sys
 
+from typing import TYPE_CHECKING
+
 import procrastinate
 
 from bench.tasks import BENCH_QUEUE, register_bare_tasks, register_product_tasks
 
+if TYPE_CHECKING:
+    from workers.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 
-def build_product_app(settings: object, role: str) -> procrastinate.App:
+def build_product_app(settings: Settings, role: str) -> procrastinate.App:
     """Build the product's App for ``role`` with the bench tasks added."""
     from workers.app import build_app
 
-    app = build_app(settings, role)  # type: ignore[arg-type]
-    register_product_tasks(app, settings)  # type: ignore[arg-type]
+    app = build_app(settings, role)
+    register_product_tasks(app, settings)
     return app
 
 

@@ -158,6 +158,7 @@ def check_item(description: TaskDescription, body: Any) -> job_service.DeferRequ
         if name not in DEFER_FIELDS:
             errors[shown_name(name)] = (f"is not a field of a defer request; "
                                         f"expected {', '.join(DEFER_FIELDS)}")
+
     raw_arguments = body.get("arguments")
     arguments: dict[str, Any] = {}
     if raw_arguments is None:
@@ -174,11 +175,13 @@ def check_item(description: TaskDescription, body: Any) -> job_service.DeferRequ
                 errors[f"arguments.{shown_name(name)}"] = (
                     f"is not an argument of {description.name}; it accepts "
                     f"{', '.join(sorted(known)) or 'no arguments'}")
+
     queue = _text_option(body, "queue", errors)
     lock = _text_option(body, "lock", errors)
     queueing_lock = _text_option(body, "queueing_lock", errors)
     priority = _priority(body, errors)
     schedule_at = parse_schedule(body, errors)
+
     try:
         return job_service.validate_defer(
             description.name, arguments, queue=queue, priority=priority,

@@ -72,6 +72,8 @@ def list_queues() -> Response:
     throughput = {row["queue_name"]: row
                   for row in db.fetch_all(query("fleet", "throughput_by_queue"),
                                           {"seconds": THROUGHPUT_WINDOW})}
+
+    # Live workers and their concurrency per queue; unrecorded workers have none.
     workers = db.fetch_all(query("fleet", "workers"),
                            {"threshold": _settings().stalled_job_threshold})
     served = {name: {"workers": 0, "slots": 0} for name in names}
@@ -80,6 +82,7 @@ def list_queues() -> Response:
             if not worker["stale"] and queue in served:
                 served[queue]["workers"] += 1
                 served[queue]["slots"] += worker["concurrency"] or 0
+
     queues = []
     for name in names:
         waiting = oldest.get(name) or {}

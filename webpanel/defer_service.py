@@ -119,9 +119,9 @@ def parse_local_time(text: str, zone_name: str) -> datetime.datetime:
     except ValueError:
         raise ValueError(f"{text.strip()[:40]!r} is not a date and time; use "
                          "YYYY-MM-DDTHH:MM") from None
-    if local.tzinfo is not None:
-        return local.astimezone(_UTC)
     try:
+        if local.tzinfo is not None:
+            return local.astimezone(_UTC)
         first = local.replace(tzinfo=zone, fold=0)
         second = local.replace(tzinfo=zone, fold=1)
         if first.utcoffset() != second.utcoffset():

@@ -172,7 +172,11 @@ def _parse_time(raw: str | None, field: str,
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=datetime.timezone.utc)
-    return value.astimezone(datetime.timezone.utc)
+    try:
+        return value.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        errors[field] = f"{text[:40]!r} is out of range; use a time between years 1 and 9999"
+        return None
 
 
 def parse_job_id(raw: str | None, field: str, errors: dict[str, str]) -> int | None:

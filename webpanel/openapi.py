@@ -3,10 +3,10 @@
 Each deferrable task gets its own defer and batch paths, whose request schemas
 come from the task's ``Argument`` descriptions in ``workers/tasks/catalog.py``:
 types, ``maxLength``, ``enum`` and ``pattern``. The catalog's patterns are Python
-patterns matched against the whole value; they are written here anchored
-(``^(?:...)$``), as JSON Schema matches a pattern anywhere in the value. The
-server also rejects control, format and unassigned characters in string
-arguments, which no schema keyword expresses.
+patterns that must match the whole value. JSON Schema matches a pattern anywhere
+in the value, so they are written here anchored (``^(?:...)$``). The server also
+rejects control, format and unassigned characters in string arguments, which no
+schema keyword expresses.
 """
 
 from __future__ import annotations

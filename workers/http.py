@@ -57,8 +57,8 @@ async def close_client() -> None:
         _client = None
 
 
-def resolve_api_url(base_url: str, path: str) -> str:
-    """Join ``path`` to ``base_url``, rejecting anything that leaves the base URL."""
+def check_relative_path(path: str) -> None:
+    """Reject a path that is absolute, has dot segments or control characters."""
     if not isinstance(path, str) or not path:
         raise InvalidTaskArguments("path is missing; give a path such as /items/42")
     if len(path) > MAX_PATH_LENGTH:
@@ -84,6 +84,11 @@ def resolve_api_url(base_url: str, path: str) -> str:
         )
     if "#" in path:
         raise InvalidTaskArguments(f"path {path[:80]!r} contains a fragment ('#')")
+
+
+def resolve_api_url(base_url: str, path: str) -> str:
+    """Join ``path`` to ``base_url``, rejecting anything that leaves the base URL."""
+    check_relative_path(path)
     url = base_url.rstrip("/") + path
     if not is_under_base(base_url, url):
         raise InvalidTaskArguments(f"path {path[:80]!r} leaves API_BASE_URL")
@@ -165,6 +170,16 @@ async def request(
                 f"HTTP {status} redirect to {shown}, outside API_BASE_URL "
                 f"({base_url}); not followed"
             )
+        target_parts = urllib.parse.urlsplit(target)
+        try:
+            check_relative_path(
+                target_parts.path
+                + (f"?{target_parts.query}" if target_parts.query else "")
+            )
+        except InvalidTaskArguments as exc:
+            raise RedirectRejected(
+                f"HTTP {status} redirect to {shown} rejected: {exc}"
+            ) from None
         logger.info(
             "Following HTTP %s redirect from %s to %s", status, display, shown,
             extra={"action": "upstream_redirect_followed"},
@@ -202,7 +217,14 @@ async def _send(
 
 
 def response_body(response: httpx.Response) -> Any:
-    """Return the parsed JSON body, or the text truncated for storage."""
+    """Return the parsed JSON body, or the text truncated for storage.
+
+    A body longer than MAX_STORED_BODY is kept as truncated text even when it is
+    JSON, so that one large answer cannot bloat the results table or the job page.
+    """
+    if len(response.content) > MAX_STORED_BODY:
+        return {"truncated": True, "size": len(response.content),
+                "text": response.text[:MAX_STORED_BODY]}
     try:
         return response.json()
     except ValueError:

@@ -297,6 +297,18 @@ def _check_consistency(values: dict[str, Any]) -> list[str]:
     problems = []
     threshold = values["STALLED_JOB_THRESHOLD"]
     heartbeat = values["HEARTBEAT_INTERVAL"]
+    for name in ("WORKER_SHUTDOWN_TIMEOUT", "SCHEDULER_SHUTDOWN_TIMEOUT"):
+        # A stopping worker stops heartbeating before it waits for its jobs, so a
+        # wait longer than this makes the sweep take its running jobs for stalled
+        # and run them a second time while the first run goes on.
+        limit = threshold - heartbeat
+        if values[name] >= limit:
+            problems.append(
+                f"{name}={values[name]:g} is not less than STALLED_JOB_THRESHOLD "
+                f"minus HEARTBEAT_INTERVAL ({limit:g} s), so jobs of a stopping "
+                f"process would be recovered while they still run; lower {name} or "
+                "raise STALLED_JOB_THRESHOLD"
+            )
     if threshold < 3 * heartbeat:
         problems.append(
             f"STALLED_JOB_THRESHOLD={threshold:g} is less than 3 heartbeat intervals "

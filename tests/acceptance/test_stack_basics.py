@@ -128,6 +128,8 @@ def test_killed_worker_job_is_retried_and_finishes_once(
         "HEARTBEAT_INTERVAL": "1",
         "STALLED_JOB_THRESHOLD": "4",
         "STALLED_JOB_CHECK_INTERVAL": "2",
+        "WORKER_SHUTDOWN_TIMEOUT": "2",
+        "SCHEDULER_SHUTDOWN_TIMEOUT": "2",
         "JOB_TIMEOUT": "120",
         "HTTP_TIMEOUT": "90",
     })

@@ -43,7 +43,7 @@ from workers.supervision import ProcessActionFailed, SupervisorClient
 SHUTDOWN = 3  # seconds, WORKER_SHUTDOWN_TIMEOUT in these tests
 FAST = {
     "HEARTBEAT_INTERVAL": "1",
-    "STALLED_JOB_THRESHOLD": "3",
+    "STALLED_JOB_THRESHOLD": "5",
     "STALLED_JOB_CHECK_INTERVAL": "2",
     "WORKER_SHUTDOWN_TIMEOUT": str(SHUTDOWN),
     "SCHEDULER_SHUTDOWN_TIMEOUT": "2",

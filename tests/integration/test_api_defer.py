@@ -16,6 +16,9 @@ from tests.integration.test_api_fixtures import (  # noqa: F401 - fixtures
     api_as,
     api_panel,
     job_total,
+    shared_api_as,
+    shared_api_panel,
+    shared_tokens,
 )
 from tests.integration.test_jobs_fixtures import (
     audit_rows,
@@ -105,13 +108,13 @@ def test_defer_z_suffix_means_utc(api_panel: Flask, api_as: ApiAs) -> None:
     ({"schedule_at": 1893456000}, "schedule_at"),
     ({"schedule_at": "\u0662\u0660\u0663\u0660-01-01T09:00:00Z"}, "schedule_at"),
 ])
-def test_defer_rejects_schedule(api_panel: Flask, api_as: ApiAs,
+def test_defer_rejects_schedule(shared_api_panel: Flask, shared_api_as: ApiAs,
                                 body: dict[str, Any], field: str) -> None:
-    before = job_total(api_panel)
-    response = api_as("operator")("POST", FETCH_JOKE, body)
+    before = job_total(shared_api_panel)
+    response = shared_api_as("operator")("POST", FETCH_JOKE, body)
     assert response.status_code == 400
     assert field in response.get_json()["field_errors"]
-    assert job_total(api_panel) == before
+    assert job_total(shared_api_panel) == before
 
 
 def test_defer_rejects_gap_in_local_time(api_panel: Flask, api_as: ApiAs) -> None:
@@ -170,15 +173,17 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("task", "body", "field"), INVALID_BODIES)
-def test_defer_rejects_invalid_field(api_panel: Flask, api_as: ApiAs, task: str,
+def test_defer_rejects_invalid_field(shared_api_panel: Flask,
+                                     shared_api_as: ApiAs, task: str,
                                      body: dict[str, Any], field: str) -> None:
-    before = job_total(api_panel)
-    response = api_as("operator")("POST", f"/api/v1/tasks/{task}/jobs", body)
+    before = job_total(shared_api_panel)
+    response = shared_api_as("operator")("POST", f"/api/v1/tasks/{task}/jobs",
+                                         body)
     assert response.status_code == 400
-    body = response.get_json()
-    assert field in body["field_errors"], body
-    assert body["error"] == "Bad Request"
-    assert job_total(api_panel) == before
+    error = response.get_json()
+    assert field in error["field_errors"], error
+    assert error["error"] == "Bad Request"
+    assert job_total(shared_api_panel) == before
 
 
 @pytest.mark.parametrize(("raw", "content_type", "status"), [
@@ -195,21 +200,21 @@ def test_defer_rejects_invalid_field(api_panel: Flask, api_as: ApiAs, task: str,
     (b"{}", "text/plain", 415),
     (b'{"a": "' + b"x" * 200000 + b'"}', "application/json", 413),
 ])
-def test_defer_rejects_malformed_body(api_panel: Flask, api_as: ApiAs, raw: bytes,
+def test_defer_rejects_malformed_body(shared_api_panel: Flask,
+                                      shared_api_as: ApiAs, raw: bytes,
                                       content_type: str, status: int) -> None:
-    before = job_total(api_panel)
-    response = api_as("operator")("POST", FETCH_JOKE, raw=raw,
-                                  content_type=content_type)
+    before = job_total(shared_api_panel)
+    response = shared_api_as("operator")("POST", FETCH_JOKE, raw=raw,
+                                         content_type=content_type)
     assert response.status_code == status
     assert response.get_json()["message"]
-    assert job_total(api_panel) == before
+    assert job_total(shared_api_panel) == before
 
 
 @pytest.mark.parametrize("task", ["health_check", "nope", "call_api%00",
                                   "%E2%80%AEcall_api", "x" * 3000])
-def test_defer_unknown_task_is_404(api_panel: Flask, api_as: ApiAs,
-                                   task: str) -> None:
-    response = api_as("operator")("POST", f"/api/v1/tasks/{task}/jobs", {})
+def test_defer_unknown_task_is_404(shared_api_as: ApiAs, task: str) -> None:
+    response = shared_api_as("operator")("POST", f"/api/v1/tasks/{task}/jobs", {})
     assert response.status_code == 404
     assert "fetch_joke, call_api" in response.get_json()["message"]
 
@@ -313,12 +318,13 @@ def test_batch_busy_queueing_lock_is_409(api_panel: Flask, api_as: ApiAs) -> Non
     ({"jobs": [{}], "dry_run": True}, "dry_run"),
     ({"jobs": [{}] * 1001}, "jobs"),
 ])
-def test_batch_rejects_bad_envelope(api_panel: Flask, api_as: ApiAs,
+def test_batch_rejects_bad_envelope(shared_api_panel: Flask, shared_api_as: ApiAs,
                                     body: dict[str, Any], field: str) -> None:
-    response = api_as("operator")("POST", f"{FETCH_JOKE}/batch", body)
+    before = job_total(shared_api_panel)
+    response = shared_api_as("operator")("POST", f"{FETCH_JOKE}/batch", body)
     assert response.status_code == 400
     assert field in response.get_json()["field_errors"]
-    assert job_total(api_panel) == 0
+    assert job_total(shared_api_panel) == before
 
 
 def test_batch_of_1000_jobs(api_panel: Flask, api_as: ApiAs) -> None:

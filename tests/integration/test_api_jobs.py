@@ -13,6 +13,9 @@ from tests.integration.test_api_fixtures import (  # noqa: F401 - fixtures
     api_as,
     api_panel,
     job_total,
+    shared_api_as,
+    shared_api_panel,
+    shared_tokens,
 )
 from tests.integration.test_jobs_fixtures import (
     audit_rows,
@@ -93,8 +96,9 @@ def test_list_jobs_redacts_arguments(api_panel: Flask, api_as: ApiAs) -> None:
     ("arg_key=password&arg_value=x", "arg_key"),
     ("stauts=failed", "stauts"),
 ])
-def test_list_jobs_rejects_bad_query(api_as: ApiAs, query: str, field: str) -> None:
-    response = api_as("viewer")("GET", f"/api/v1/jobs?{query}")
+def test_list_jobs_rejects_bad_query(shared_api_as: ApiAs, query: str,
+                                     field: str) -> None:
+    response = shared_api_as("viewer")("GET", f"/api/v1/jobs?{query}")
     assert response.status_code == 400
     assert field in response.get_json()["field_errors"]
 
@@ -112,8 +116,8 @@ def test_get_job_returns_detail(api_panel: Flask, api_as: ApiAs) -> None:
 @pytest.mark.parametrize("path", ["/api/v1/jobs/999999", "/api/v1/jobs/0",
                                   "/api/v1/jobs/99999999999999999999",
                                   "/api/v1/jobs/abc"])
-def test_get_job_missing_is_404(api_as: ApiAs, path: str) -> None:
-    response = api_as("viewer")("GET", path)
+def test_get_job_missing_is_404(shared_api_as: ApiAs, path: str) -> None:
+    response = shared_api_as("viewer")("GET", path)
     assert response.status_code == 404
     assert response.get_json()["error"] == "Not Found"
 
@@ -192,8 +196,8 @@ def test_viewer_cannot_act(api_panel: Flask, api_as: ApiAs) -> None:
     ("POST", "/api/v1/jobs/1/cancel"), ("POST", "/api/v1/jobs/bulk"),
     ("GET", "/api/v1/openapi.json"),
 ])
-def test_no_token_is_401(api_as: ApiAs, method: str, path: str) -> None:
-    response = api_as(None)(method, path)
+def test_no_token_is_401(shared_api_as: ApiAs, method: str, path: str) -> None:
+    response = shared_api_as(None)(method, path)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].lower().startswith("bearer")
 
@@ -210,8 +214,8 @@ def test_session_reads_but_posts_need_csrf(api_panel: Flask) -> None:
     call = ApiCaller(api_panel, None)
     log_in(call.client, "operator")
     assert call("GET", "/api/v1/jobs").status_code == 200
-    refused = call("POST", f"/api/v1/jobs/{job_id}/cancel")
-    assert refused.status_code == 400
+    rejected = call("POST", f"/api/v1/jobs/{job_id}/cancel")
+    assert rejected.status_code == 400
     row = job_row(api_panel, job_id)
     assert row is not None
     assert row["status"] == "todo"
@@ -290,14 +294,18 @@ def test_bulk_count_changed_is_409(api_panel: Flask, api_as: ApiAs) -> None:
     ({"action": "cancel", "filter": []}, "filter"),
     ({"action": "cancel", "job_ids": [1], "extra": 1}, "extra"),
 ])
-def test_bulk_rejects_invalid_request(api_panel: Flask, api_as: ApiAs,
+def test_bulk_rejects_invalid_request(shared_api_panel: Flask,
+                                      shared_api_as: ApiAs,
                                       body: dict[str, Any], field: str) -> None:
-    defer_job(api_panel)
-    before = job_total(api_panel)
-    response = api_as("operator")("POST", "/api/v1/jobs/bulk", body)
+    job_id = defer_job(shared_api_panel)
+    before = job_total(shared_api_panel)
+    response = shared_api_as("operator")("POST", "/api/v1/jobs/bulk", body)
     assert response.status_code == 400
     assert field in response.get_json()["field_errors"]
-    assert job_total(api_panel) == before
+    assert job_total(shared_api_panel) == before
+    row = job_row(shared_api_panel, job_id)
+    assert row is not None
+    assert row["status"] == "todo"
 
 
 def test_bulk_needs_operator(api_panel: Flask, api_as: ApiAs) -> None:

@@ -253,8 +253,8 @@ list_parameters = st.lists(st.tuples(
 
 @fuzz_settings(300)
 @given(parameters=list_parameters)
-def test_fuzz_job_list(operator_api: ApiCaller, parameters: list[tuple[str, str]],
-                       ) -> None:
+def test_fuzz_job_list(operator_api: ApiCaller,
+                       parameters: list[tuple[str, str]]) -> None:
     response = operator_api("GET", "/api/v1/jobs", query_string=parameters)
     assert response.status_code in {200, 400}
 

@@ -44,7 +44,7 @@ def fleet_environment(
         "API_BASE_URL": api_base_url,
         "SUPERVISOR_SOCKET": "/nonexistent/supervisor.sock",
         "HEARTBEAT_INTERVAL": "1",
-        "STALLED_JOB_THRESHOLD": "3",
+        "STALLED_JOB_THRESHOLD": "7",
         "STALLED_JOB_CHECK_INTERVAL": "2",
         "RETRY_BASE_DELAY": "0.2",
         "RETRY_MAX_DELAY": "1",

@@ -40,10 +40,10 @@ def test_target_name_with_space_is_rejected() -> None:
 
 
 def test_unmeasured_target_is_missed_with_reason() -> None:
-    target = unmeasured("api_batch_defer", ">= 80%", "/api/v1/jobs answered 404")
+    target = unmeasured("api_batch_defer", ">= 80%", "/api/v1/jobs returned 404")
     assert not target.met
     assert target.line() == ("target api_batch_defer: not measured: /api/v1/jobs "
-                             "answered 404 (goal >= 80%) missed")
+                             "returned 404 (goal >= 80%) missed")
 
 
 def test_ratio_line_shows_both_figures() -> None:

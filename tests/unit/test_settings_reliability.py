@@ -20,7 +20,8 @@ def test_threshold_below_three_heartbeats_rejected() -> None:
 
 def test_threshold_of_three_heartbeats_accepted() -> None:
     settings = load_settings(
-        {"HEARTBEAT_INTERVAL": "1", "STALLED_JOB_THRESHOLD": "3"}
+        {"HEARTBEAT_INTERVAL": "1", "STALLED_JOB_THRESHOLD": "3",
+         "WORKER_SHUTDOWN_TIMEOUT": "1", "SCHEDULER_SHUTDOWN_TIMEOUT": "1"}
     )
     assert settings.stalled_job_threshold == 3
 

@@ -263,8 +263,10 @@ def test_worker_process_names(var_dir: Path) -> None:
     "overrides",
     [
         {},
-        {"WORKER_SHUTDOWN_TIMEOUT": "90.5", "SCHEDULER_SHUTDOWN_TIMEOUT": "0"},
-        {"WEB_GRACEFUL_TIMEOUT": "600", "WORKER_SHUTDOWN_TIMEOUT": "3600"},
+        {"WORKER_SHUTDOWN_TIMEOUT": "90.5", "SCHEDULER_SHUTDOWN_TIMEOUT": "0",
+         "STALLED_JOB_THRESHOLD": "120"},
+        {"WEB_GRACEFUL_TIMEOUT": "600", "WORKER_SHUTDOWN_TIMEOUT": "3600",
+         "STALLED_JOB_THRESHOLD": "3700"},
     ],
     ids=["defaults", "fractional", "largest"],
 )

@@ -32,6 +32,7 @@ class Argument:
     pattern: str | None = None
     pattern_help: str = ""
     default: Any = None
+    relative_path: bool = False  # checked as a path relative to API_BASE_URL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ CALL_API = TaskDescription(
             max_length=2000,
             pattern=r"/[\x21-\x7e]*",
             pattern_help="a path starting with '/' made of printable ASCII",
+            relative_path=True,
         ),
         Argument(
             name="json", kind="json", label="JSON body",
@@ -146,6 +148,16 @@ def _check_text(argument: Argument, value: str) -> str | None:
             )
     if argument.pattern and not re.fullmatch(argument.pattern, value):
         return f"{value[:60]!r} is invalid: expected {argument.pattern_help}"
+    return None
+
+
+def _check_path(value: str) -> str | None:
+    from workers.http import check_relative_path
+
+    try:
+        check_relative_path(value)
+    except InvalidTaskArguments as exc:
+        return str(exc).removeprefix("path ")
     return None
 
 
@@ -240,7 +252,10 @@ def _validate_one(argument: Argument, value: Any) -> str | None:
     if argument.kind == "string":
         if not isinstance(value, str):
             return f"must be a string, not {type(value).__name__}"
-        return _check_text(argument, value)
+        problem = _check_text(argument, value)
+        if problem is None and argument.relative_path:
+            problem = _check_path(value)
+        return problem
     if argument.kind == "json":
         return _check_json_strings(value)
     return f"has an unsupported kind {argument.kind!r}"

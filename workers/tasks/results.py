@@ -15,13 +15,28 @@ ON CONFLICT (job_id) DO NOTHING
 READ_RESULT = "SELECT result FROM job_results WHERE job_id = %(job_id)s"
 
 
+def storable(value: Any) -> Any:
+    """Return ``value`` with NUL characters replaced, since jsonb cannot hold them.
+
+    Without this, an upstream answer containing U+0000 would fail to store after
+    the upstream applied the request, and the job would send it again.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
+
+
 async def store_result(context: JobContext, result: dict[str, Any]) -> None:
     """Store a job's result unless an earlier run of the same job stored one."""
     await context.app.connector.execute_query_async(
         STORE_RESULT,
         job_id=context.job.id,
         task_name=context.job.task_name,
-        result=result,
+        result=storable(result),
     )
 
 
