@@ -1,0 +1,1 @@
+"""Benchmarks of the product against bare Procrastinate: python -m bench."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
 from pathlib import Path
 from types import TracebackType
 
@@ -31,12 +32,12 @@ logger = logging.getLogger(__name__)
 # Appended to the throw-away server's postgresql.conf. max_wal_size keeps the bulk
 # seeding from forcing a checkpoint every few seconds.
 EXTRA_SERVER_CONF = """
-shared_preload_libraries = 'pg_stat_statements,auto_explain'
 pg_stat_statements.max = 10000
 pg_stat_statements.track_utility = on
 max_wal_size = '4GB'
 maintenance_work_mem = '256MB'
 """
+PRELOADED = ("pg_stat_statements", "auto_explain")
 
 # Tables a drain, defer or recovery run empties before it starts.
 RESET_TABLES = (
@@ -52,13 +53,32 @@ class BenchPostgresServer(PostgresServer):
     def _initdb(self) -> None:
         super()._initdb()
         assert self.directory is not None
+        libraries = available_libraries(self.bindir)
+        missing = sorted(set(PRELOADED) - set(libraries))
+        if missing:
+            logger.warning("PostgreSQL's %s is not installed, so statement counts or "
+                           "plans are skipped", ", ".join(missing))
         with open(self.directory / "data" / "postgresql.conf", "a") as conf:
             conf.write(EXTRA_SERVER_CONF)
+            conf.write(f"shared_preload_libraries = '{','.join(libraries)}'\n")
 
     @property
     def log_path(self) -> Path | None:
         """Return the server's log file, where auto_explain writes plans."""
         return self._log_file
+
+
+def available_libraries(bindir: Path) -> list[str]:
+    """Return the PRELOADED libraries whose shared objects the server can load."""
+    folders = [bindir.parent / "lib"]
+    pg_config = bindir / "pg_config"
+    if pg_config.is_file():
+        result = subprocess.run([str(pg_config), "--pkglibdir"], capture_output=True,
+                                text=True, check=False)
+        if result.returncode == 0:
+            folders.insert(0, Path(result.stdout.strip()))
+    return [name for name in PRELOADED
+            if any((folder / f"{name}.so").is_file() for folder in folders)]
 
 
 @dataclasses.dataclass
@@ -99,6 +119,7 @@ class BenchServer:
             self._server = BenchPostgresServer()
             self.url = self._server.start()
         self.has_statements = self._enable_statements()
+        self.has_plans = "auto_explain" in self._setting("shared_preload_libraries")
         return self
 
     def __exit__(
@@ -129,8 +150,11 @@ class BenchServer:
 
     def server_version(self) -> str:
         """Return the server's version string, such as '15.8'."""
+        return self._setting("server_version")
+
+    def _setting(self, name: str) -> str:
         with psycopg.connect(self.url) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
+            row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
         assert row is not None
         return str(row[0])
 

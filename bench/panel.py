@@ -261,8 +261,9 @@ def _show_slowest(server: BenchServer, url: str) -> None:
 
 def _show_plans(server: BenchServer, client: httpx.Client,
                 api_client: httpx.Client, timings: list[Timing]) -> None:
-    if server.log_path is None:
-        say("plans: not captured (the server was given by BENCH_DATABASE_URL)")
+    if server.log_path is None or not server.has_plans:
+        say("plans: not captured, because auto_explain is not loaded on a server "
+            "whose log this run reads")
         return
     with capture_plans(server.url, server.log_path) as plans:
         for timing in timings:

@@ -65,7 +65,9 @@ def _open(settings: Settings) -> None:
             "application_name": application_name("web"),
             "connect_timeout": min(settings.db_connect_timeout,
                                    max(1, int(settings.web_request_budget))),
-            "options": f"-c statement_timeout={budget_ms} -c lock_timeout={budget_ms}",
+            # JIT compilation costs the chart queries more than it saves.
+            "options": (f"-c statement_timeout={budget_ms} "
+                        f"-c lock_timeout={budget_ms} -c jit=off"),
         },
         open=False,
         check=psycopg_pool.ConnectionPool.check_connection,

@@ -49,6 +49,7 @@ def fleet_environment(
         "RETRY_BASE_DELAY": "0.2",
         "RETRY_MAX_DELAY": "1",
         "WORKER_SHUTDOWN_TIMEOUT": "5",
+        "SCHEDULER_SHUTDOWN_TIMEOUT": "2",
         "JOB_TIMEOUT": "30",
         "HTTP_TIMEOUT": "5",
         "WORKER_CONCURRENCY": "4",
