@@ -32,7 +32,7 @@ KINDS = ("unit", "integration", "acceptance", "browser")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test with the kind named by its folder under tests/."""
+    """Mark each test with the kind named by its folder, and run browser tests last."""
     for item in items:
         try:
             relative = item.path.resolve().relative_to(TESTS_DIR)
@@ -40,6 +40,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         if relative.parts and relative.parts[0] in KINDS:
             item.add_marker(relative.parts[0])
+    # Stable sort: browser tests keep their order but come after every other kind.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -16,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.support.forms import form_fields
+from tests.support.faults import wait_until
 from tests.support.stack import Stack
 from tests.support.upstream import Upstream
 
@@ -50,15 +50,6 @@ def _defer(client: httpx.Client, task: str, values: dict[str, str]) -> int:
     return int(match.group(1))
 
 
-def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _job_row(database_url: str, job_id: int) -> dict[str, object]:
@@ -103,7 +94,7 @@ def test_stack_runs_panel_workers_and_scheduler(
 
     client = _log_in(stack)
     job_id = _defer(client, "fetch_joke", {})
-    _wait_for(lambda: _job_row(database_url, job_id)["status"] == "succeeded",
+    wait_until(lambda: _job_row(database_url, job_id)["status"] == "succeeded",
               JOB_DEADLINE, f"job {job_id} to succeed")
     page = client.get(f"/jobs/{job_id}")
     assert page.status_code == 200
@@ -137,7 +128,7 @@ def test_killed_worker_job_is_retried_and_finishes_once(
     job_id = _defer(client, "call_api", {"method": "GET", "path": "/slow"})
 
     upstream.wait_for(lambda request: request.path == "/slow", timeout=JOB_DEADLINE)
-    doing = _wait_for(
+    doing = wait_until(
         lambda: (row := _job_row(database_url, job_id))["status"] == "doing"
         and row["worker_id"] is not None and row,
         JOB_DEADLINE, f"job {job_id} to be doing",
@@ -147,10 +138,10 @@ def test_killed_worker_job_is_retried_and_finishes_once(
     old_pid = stack.process_info(name)["pid"]
     stack.kill(name, signal.SIGKILL)
 
-    _wait_for(lambda: stack.process_info(name)["statename"] == "RUNNING"
+    wait_until(lambda: stack.process_info(name)["statename"] == "RUNNING"
               and stack.process_info(name)["pid"] != old_pid,
               JOB_DEADLINE, f"{name} to be restarted")
-    _wait_for(lambda: _job_row(database_url, job_id)["status"] == "succeeded",
+    wait_until(lambda: _job_row(database_url, job_id)["status"] == "succeeded",
               JOB_DEADLINE, f"job {job_id} to be recovered and succeed")
 
     events = _event_types(database_url, job_id)

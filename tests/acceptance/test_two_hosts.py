@@ -6,7 +6,6 @@ jobs; one stack crashing outright has its jobs recovered by the other.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.support.forms import form_fields
+from tests.support.faults import wait_until
 from tests.support.stack import Stack
 from tests.support.upstream import Upstream
 
@@ -34,15 +34,6 @@ def upstream() -> Iterator[Upstream]:
         yield server
 
 
-def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _defer_many(database_url: str, count: int, path: str) -> list[int]:
@@ -110,7 +101,7 @@ def test_two_stacks_share_jobs_and_recover_a_crashed_one(
 
     upstream.hold("/work/a", 0.2)
     job_ids = _defer_many(database_url, 60, "/work/a")
-    _wait_for(lambda: _statuses(database_url, job_ids).get("succeeded") == 60,
+    wait_until(lambda: _statuses(database_url, job_ids).get("succeeded") == 60,
               DEADLINE, "60 jobs to succeed on two stacks")
     processes = {name.split("@")[0] for name in
                  _hosts_of_started_attempts(database_url, job_ids)}
@@ -132,7 +123,7 @@ def test_two_stacks_share_jobs_and_recover_a_crashed_one(
     slow_ids = _defer_many(database_url, 20, "/slow/b")
     upstream.wait_for_count("/slow/b", 20, timeout=DEADLINE)
     first.crash()
-    _wait_for(lambda: _statuses(database_url, slow_ids).get("succeeded") == 20,
+    wait_until(lambda: _statuses(database_url, slow_ids).get("succeeded") == 20,
               DEADLINE, "the crashed stack's jobs to be recovered and succeed")
     _assert_no_overlap(upstream, "/slow/b")
     with psycopg.connect(database_url) as conn:

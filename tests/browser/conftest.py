@@ -58,9 +58,13 @@ def browser_stack(
         stack.remove_var_dir()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Yield headless Debian Chromium."""
+    """Yield headless Debian Chromium, closed with its Playwright loop after the module.
+
+    Playwright's synchronous API keeps an event loop registered on the main thread
+    while it is open, which would make later tests' asyncio.run() fail.
+    """
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing; install Debian's chromium package "
                     "(.ci/run does)")

@@ -145,3 +145,25 @@ def test_audit_lists_the_actions(page: Page, browser_stack: Stack) -> None:
         page.goto(f"{browser_stack.url}{path}")
         expect(page.locator("h1")).to_be_visible()
         screenshot(page, name)
+
+
+def test_logs_hold_no_secrets(page: Page, browser_stack: Stack) -> None:
+    # Runs last: by now every program has logged a login, defers, a failed job,
+    # a retry, a bulk action and a process restart.
+    log_in(page, browser_stack)
+    page.goto(f"{browser_stack.url}/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "wrong-password-for-the-log-check")
+    page.click("button[type=submit]")
+    secrets = {
+        "ADMIN_PASSWORD": browser_stack.environment["ADMIN_PASSWORD"],
+        "SECRET_KEY": browser_stack.environment["SECRET_KEY"],
+        "typed wrong password": "wrong-password-for-the-log-check",
+    }
+    logs = [path for path in (browser_stack.var_dir / "log").iterdir()
+            if path.is_file()]
+    assert len(logs) >= 5
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for name, value in secrets.items():
+            assert value not in text, f"{name} appears in {path.name}"
