@@ -371,9 +371,13 @@ def check_processes(stack: Stack) -> None:
         r" WARNING workers\.(runner: Worker \S+ lost the database"
         r"|startup: Database at \S+ not ready \(attempt \d+\))"
     )
+    # A worker killed just before the outage may come back only after it, so it
+    # never sees the database down; the scheduler and at least one worker do.
+    noticed = {name for name in states if outage.search(stack.log(name))}
+    assert "scheduler:scheduler" in noticed or "scheduler" in noticed, states
+    assert any(name.startswith("worker:") for name in noticed), noticed
     for name in states:
         log = stack.log(name)
-        assert outage.search(log), f"{name} logged nothing about the outage"
         assert " CRITICAL " not in log
         assert "Traceback" not in log
         errors = [line for line in log.splitlines() if " ERROR " in line]
