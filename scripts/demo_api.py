@@ -24,7 +24,7 @@ JOKES = (
 
 
 class DemoHandler(BaseHTTPRequestHandler):
-    """Answer /jokes/random with a joke and echo every other request."""
+    """Return a joke for /jokes/random and echo every other request."""
 
     server_version = "demo-api"
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not be reached or did not answer within the budget."""
+    """The database could not be reached or did not respond within the budget."""
 
     def __init__(self, message: str, timed_out: bool = False) -> None:
         super().__init__(message)

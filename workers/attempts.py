@@ -1,4 +1,4 @@
-"""What the current attempt has learned, shared between a task and the middleware."""
+"""Notes on the running attempt, shared between a task and the middleware."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 
 @dataclasses.dataclass
 class AttemptNotes:
-    """Facts a task records about its attempt, such as the upstream's answer."""
+    """Facts a task records about its attempt, such as the upstream's response."""
 
     http_status: int | None = None
     retry_after: str | None = None

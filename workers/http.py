@@ -220,7 +220,7 @@ def response_body(response: httpx.Response) -> Any:
     """Return the parsed JSON body, or the text truncated for storage.
 
     A body longer than MAX_STORED_BODY is kept as truncated text even when it is
-    JSON, so that one large answer cannot bloat the results table or the job page.
+    JSON, so that one large response cannot bloat the results table or the job page.
     """
     if len(response.content) > MAX_STORED_BODY:
         return {"truncated": True, "size": len(response.content),

@@ -5,8 +5,8 @@
 1. applies the task's timeout (JOB_TIMEOUT unless the task sets its own) with
    ``asyncio.timeout``, and treats an attempt that outlived its timeout as timed out
    even when the task swallowed the cancellation;
-2. asks the task's retry strategy what follows a failure, so that the decision is
-   logged and recorded (the strategy caches it for Procrastinate);
+2. gets the task's retry decision for a failure, so that the decision is logged
+   and recorded. The strategy caches it, so Procrastinate reads the same one.
 3. writes one ``job_attempts`` row when the attempt ends, shielded from cancellation;
 4. logs the start and the outcome once, at a level that follows the outcome.
 """
@@ -58,7 +58,7 @@ INSERT INTO job_attempts (
 
 @dataclasses.dataclass
 class Outcome:
-    """How one attempt ended, as recorded and logged."""
+    """The end state of one attempt, as recorded and logged."""
 
     name: str
     level: int

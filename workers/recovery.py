@@ -63,7 +63,7 @@ SELECT %(job_id)s, %(attempt)s, %(task_name)s, %(queue_name)s,
 
 @dataclasses.dataclass
 class RecoveryReport:
-    """What one sweep did."""
+    """The jobs one sweep retried and failed."""
 
     retried: list[int] = dataclasses.field(default_factory=list)
     failed: list[int] = dataclasses.field(default_factory=list)

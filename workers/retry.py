@@ -42,7 +42,7 @@ _DELAY_SECONDS = re.compile(r"[0-9]+")
 
 
 class UpstreamHTTPError(Exception):
-    """The upstream answered with an HTTP status that is not a success."""
+    """The upstream responded with an HTTP status that is not a success."""
 
     def __init__(self, status: int, path: str, retry_after: str | None = None) -> None:
         self.status = status
@@ -76,7 +76,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def parse_retry_after(value: str | None, now: datetime.datetime) -> float | None:
-    """Return the seconds a Retry-After value asks to wait, or None when invalid."""
+    """Return the seconds a Retry-After value requests, or None when invalid."""
     if value is None:
         return None
     text = value.strip()

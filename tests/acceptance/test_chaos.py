@@ -372,7 +372,7 @@ def check_processes(stack: Stack) -> None:
         r"|startup: Database at \S+ not ready \(attempt \d+\))"
     )
     # A worker killed just before the outage may come back only after it, so it
-    # never sees the database down; the scheduler and at least one worker do.
+    # never finds the database down; the scheduler and at least one worker do.
     noticed = {name for name in states if outage.search(stack.log(name))}
     assert "scheduler:scheduler" in noticed or "scheduler" in noticed, states
     assert any(name.startswith("worker:") for name in noticed), noticed

@@ -34,7 +34,7 @@ async def fetch_joke(context: JobContext, category: str | None = None) -> dict[s
     body = http.response_body(response)
     if not isinstance(body, dict) or not isinstance(body.get("value"), str):
         raise InvalidTaskArguments(
-            "the upstream's /jokes/random answer has no 'value' text; check "
+            "the upstream's /jokes/random response has no 'value' text; check "
             "API_BASE_URL"
         )
     result = {
@@ -50,7 +50,7 @@ async def fetch_joke(context: JobContext, category: str | None = None) -> dict[s
 async def call_api(
     context: JobContext, method: str, path: str, json: Any = None
 ) -> dict[str, Any]:
-    """Send one request to a path under API_BASE_URL and store the answer once."""
+    """Send one request to a path under API_BASE_URL and store the response once."""
     settings = _settings(context)
     arguments: dict[str, Any] = {"method": method, "path": path}
     if json is not None:

@@ -1,4 +1,4 @@
-"""Result rows keyed by job id: the effect of a job is stored at most once."""
+"""Result rows keyed by job id: the primary key stores at most one result per job."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ READ_RESULT = "SELECT result FROM job_results WHERE job_id = %(job_id)s"
 def storable(value: Any) -> Any:
     """Return ``value`` with NUL characters replaced, since jsonb cannot hold them.
 
-    Without this, an upstream answer containing U+0000 would fail to store after
+    Without this, an upstream response containing U+0000 would fail to store after
     the upstream applied the request, and the job would send it again.
     """
     if isinstance(value, str):
