@@ -78,6 +78,19 @@ def _truncate_traceback(exc: BaseException) -> str:
     return "[truncated]\n" + text[-TRACEBACK_MAX_CHARS:]
 
 
+def mark_interrupted(exc: BaseException, context: JobContext) -> bool:
+    """Mark a cancellation as an interruption, retried at once, unless a user aborted.
+
+    Only a user's abort request ends a job as ``aborted``. A cancellation from a
+    stopping worker or from event loop teardown is not the job's fault, so the job
+    goes back to the queue.
+    """
+    if context.abort_reason() == job_context.AbortReason.USER_REQUEST:
+        return False
+    exc.fleet_shutdown_abort = True  # type: ignore[attr-defined]
+    return True
+
+
 class JobMiddleware:
     """Worker middleware applying the timeout, the attempt record and job logs."""
 
@@ -119,15 +132,20 @@ class JobMiddleware:
             job.attempts + 1, extra={"action": "job_started", **fields},
         )
         try:
-            result = await self._run_with_timeout(call_next, timeout)
-        except BaseException as exc:
-            outcome = self._failure_outcome(exc, context, worker)
-            await self._finish(context, worker, started, notes, outcome, fields)
-            raise
-        else:
+            try:
+                result = await self._run_with_timeout(call_next, timeout)
+            except BaseException as exc:
+                outcome = self._failure_outcome(exc, context, worker)
+                await self._finish(context, worker, started, notes, outcome, fields)
+                raise
             outcome = Outcome("succeeded", logging.INFO, "")
             await self._finish(context, worker, started, notes, outcome, fields)
             return result
+        except (asyncio.CancelledError, exceptions.JobAborted) as exc:
+            # A stop can arrive at any point of the attempt, including while its
+            # record is being written. The job goes back to the queue in every case.
+            mark_interrupted(exc, context)
+            raise
         finally:
             current_attempt.reset(token)
 
@@ -160,10 +178,8 @@ class JobMiddleware:
         self, exc: BaseException, context: JobContext, worker: Worker
     ) -> Outcome:
         job = context.job
-        reason = context.abort_reason()
         if isinstance(exc, (asyncio.CancelledError, exceptions.JobAborted)):
-            if reason == job_context.AbortReason.SHUTDOWN:
-                exc.fleet_shutdown_abort = True  # type: ignore[attr-defined]
+            if mark_interrupted(exc, context):
                 self._decide(exc, context, worker)
                 return Outcome(
                     "interrupted", logging.WARNING,

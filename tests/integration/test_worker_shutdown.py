@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.support.faults import (
@@ -18,7 +19,9 @@ from tests.support.faults import (
     fleet_environment,
     fleet_settings,
     job,
+    query,
     wait_for_status,
+    wait_until,
 )
 from tests.support.upstream import Upstream
 
@@ -118,3 +121,41 @@ def test_sigint_stops_cleanly(
         process.signal(signal.SIGINT)
         assert process.wait(10) == 0
     assert "Received SIGINT" in process.log()
+
+
+def test_stop_during_attempt_record_requeues(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The locked table stands in for a stalled database: the failed attempt is
+    # still writing its record when the shutdown timeout expires. The job must go
+    # back to the queue, not end as aborted.
+    upstream.respond("/flaky", status=500, times=1)
+    settings = fleet_settings(database_url, upstream.url)
+    blocker = psycopg.connect(database_url)
+    try:
+        blocker.execute("LOCK TABLE job_attempts IN EXCLUSIVE MODE")
+        with start_worker(database_url, upstream, tmp_path) as process:
+            job_id = defer_job(settings, "call_api", method="GET", path="/flaky")
+            upstream.wait_for_count("/flaky", 1, timeout=10)
+            wait_until(
+                lambda: query(
+                    database_url,
+                    "SELECT 1 FROM pg_locks WHERE NOT granted "
+                    "AND relation = 'job_attempts'::regclass",
+                ),
+                10, "the attempt record to wait for the table lock",
+            )
+            process.signal(signal.SIGTERM)
+            process.wait_for_log("still running after graceful timeout",
+                                 timeout=SHUTDOWN_TIMEOUT + 10)
+            blocker.rollback()
+            assert process.wait(10) == 0
+    finally:
+        blocker.close()
+
+    row = job(database_url, job_id)
+    assert row["status"] == "todo", row
+    kinds = [event["type"] for event in events(database_url, job_id)]
+    assert "aborted" not in kinds
+    with InProcessWorker(settings):
+        wait_for_status(database_url, job_id, "succeeded", timeout=10)
