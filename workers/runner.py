@@ -66,6 +66,32 @@ DATABASE_ERRORS = (
 )
 
 
+class SideTaskFailures(logging.Handler):
+    """Log handler that keeps the error of each failed Procrastinate side task.
+
+    A side task (listener, heartbeat, periodic deferrer, abort poll) that fails
+    makes the Procrastinate worker stop itself, and only its log record carries
+    the error. The runner reads it to tell a database outage from a bug.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "action", None) != "side_task_failed":
+            return
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def database_error(self) -> BaseException | None:
+        """Return the first side task error that is a database error, if any."""
+        for error in self.errors:
+            if isinstance(error, DATABASE_ERRORS):
+                return error
+        return None
+
+
 class FleetWorker:
     """A Procrastinate worker with this project's middleware, signals and records."""
 
@@ -157,6 +183,8 @@ class FleetWorker:
                 return 0
             run_task = asyncio.create_task(self.worker.run(), name="worker run")
             stats_task: asyncio.Task[None] | None = None
+            side_failures = SideTaskFailures()
+            self.worker.logger.addHandler(side_failures)
             try:
                 if await self._register(run_task):
                     stats_task = asyncio.create_task(
@@ -181,7 +209,18 @@ class FleetWorker:
                     await asyncio.gather(run_task, return_exceptions=True)
                 await self._mark_stopped(app)
                 await http.close_client()
+                self.worker.logger.removeHandler(side_failures)
 
+        lost = side_failures.database_error()
+        if self.stop_signal is None and lost is not None:
+            # The database came back while running jobs were finishing, so the
+            # stop raised nothing. The outage shows only in the side task's error.
+            logger.warning(
+                "Worker %s lost the database (%s); exiting 1 so that supervisord "
+                "starts it again", self.name, _first_line(lost),
+                extra={"action": "worker_database_lost", "process_name": self.name},
+            )
+            return 1
         if self.stop_signal is None:
             logger.error(
                 "Worker %s stopped without a stop signal; exiting 1 so that "
@@ -263,6 +302,9 @@ class FleetWorker:
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, procrastinate_exceptions.ConnectorException) and exc.__cause__:
+        # Procrastinate's own message is a generic "Database error."
+        exc = exc.__cause__
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

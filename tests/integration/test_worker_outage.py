@@ -19,6 +19,7 @@ from tests.support.faults import (
     events,
     fleet_environment,
     fleet_settings,
+    job,
     wait_for_status,
     wait_until,
 )
@@ -123,3 +124,34 @@ def test_restarted_worker_listens_again(
         assert second.wait(15) == 0
     # A poll would find a job after up to a second; these were woken by NOTIFY.
     assert max(latencies) < 0.5, latencies
+
+
+def test_outage_during_running_job_warns(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The database comes back while the worker still waits for its running job,
+    # so its stop raises nothing. The exit must still read as an outage.
+    database_url = create_database(own_postgres.url, "short_outage")
+    apply_schema(database_url)
+    upstream.hold("/slow", seconds=60, times=1)
+    environment = fleet_environment(
+        database_url, upstream.url, DB_CONNECT_TIMEOUT="2", WORKER_SHUTDOWN_TIMEOUT="4"
+    )
+    settings = fleet_settings(database_url, upstream.url)
+
+    with WorkerProcess(environment, tmp_path, name="worker_00") as process:
+        process.wait_registered()
+        job_id = defer_job(settings, "call_api", method="GET", path="/slow")
+        upstream.wait_for_count("/slow", 1, timeout=10)
+        own_postgres.halt()
+        process.wait_for_log(r"Side task \w+ failed|error connecting in", timeout=15)
+        own_postgres.resume()
+        code = process.wait(30)
+
+    assert code == 1
+    log = process.log()
+    assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",
+                     log)
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+    assert job(database_url, job_id)["status"] == "todo"
