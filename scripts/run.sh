@@ -122,7 +122,7 @@ else
     fi
 fi
 
-"$PYTHON" -m workers.launch check || die "conf/supervisord.conf is not usable"
+"$PYTHON" -m workers.launch check || die "fix the problems above and retry"
 
 panel=$("$PYTHON" -m workers.launch url)
 admin_user=$("$PYTHON" -c \

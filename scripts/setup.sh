@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # supervisord's setup program: applies the database schema (waiting for the
 # database), then creates or updates the ADMIN_USERNAME account. Exits 0 when
-# both are done; supervisord restarts it on any other exit status.
+# both are done. Any other exit leaves the program EXITED in supervisorctl
+# status, with the reason in this log; supervisord does not restart it.
 set -euo pipefail
 
 PROJECT_DIR=${PROJECT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}

@@ -13,10 +13,12 @@ import argparse
 import math
 import re
 import shlex
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from os import environ as os_environ
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from supervisor.options import ServerOptions
 
@@ -183,6 +185,61 @@ def check_supervisor_config(
     return problems
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _supervisord_answers(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def busy_addresses(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Return a problem for each address the stack would listen on that is taken."""
+    if _supervisord_answers(settings.supervisor_socket):
+        return [
+            f"supervisord already runs on {settings.supervisor_socket}: the stack "
+            "is up. Use `.venv/bin/supervisorctl -c conf/supervisord.conf status`, "
+            "or stop it with `... shutdown` before starting it again"
+        ]
+    addresses: list[tuple[str, str, int, str]] = []
+    bind = settings.web_bind
+    if not bind.startswith("unix:"):
+        host, _, port = bind.rpartition(":")
+        addresses.append(("WEB_BIND", host.strip("[]") or "0.0.0.0", int(port),
+                       "set WEB_BIND to a free HOST:PORT"))
+    if settings.local_database:
+        port_text = environ.get("LOCAL_DATABASE_PORT", "")
+        if port_text.isdigit():
+            addresses.append(("LOCAL_DATABASE_PORT", "127.0.0.1", int(port_text),
+                           "set LOCAL_DATABASE_PORT to a free port"))
+    if settings.demo_api:
+        address = urlsplit(settings.api_base_url)
+        if address.hostname and address.port:
+            addresses.append(("API_BASE_URL", address.hostname, address.port,
+                           "set API_BASE_URL to your API, or stop what listens "
+                           "there (the demo API would start on it)"))
+    return [
+        f"{name}: {host}:{port} is already in use by another program; {fix}"
+        for name, host, port, fix in addresses
+        if _port_in_use(host, port)
+    ]
+
+
 def panel_url(settings: Settings) -> str:
     """Return the address a browser opens for WEB_BIND."""
     bind = settings.web_bind
@@ -203,6 +260,7 @@ def _command_env(settings: Settings) -> int:
 def _command_check(settings: Settings) -> int:
     environment = supervisor_environment(settings, os_environ)
     problems = check_supervisor_config(settings, environment)
+    problems += busy_addresses(settings, os_environ)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from supervisor.datatypes import RestartUnconditionally, RestartWhenExitUnexpected
+from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ClientOptions, ProcessConfig, ServerOptions
 
 from workers.errors import ConfigurationError
@@ -235,7 +235,7 @@ def test_long_running_programs_autorestart(loaded: ServerOptions) -> None:
 
 def test_setup_runs_once(loaded: ServerOptions) -> None:
     (setup,) = processes(loaded)["setup"]
-    assert setup.autorestart is RestartWhenExitUnexpected
+    assert setup.autorestart is False
     assert setup.startsecs == 0
     assert setup.exitcodes == [0]
     assert setup.command == f"{PROJECT_DIR}/scripts/setup.sh"
