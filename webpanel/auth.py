@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -126,12 +127,24 @@ def session_tag(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:32]
 
 
+def _session_id(key: str) -> str:
+    # Only the hash is stored, so the table's rows cannot be replayed as cookies.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _session_lifetime() -> float:
+    return current_app.permanent_session_lifetime.total_seconds()
+
+
 def _session_user() -> User | None:
     user_id = session.get("user_id")
-    if not isinstance(user_id, int):
+    key = session.get("session_key")
+    if not isinstance(user_id, int) or not isinstance(key, str):
         return None
-    row = db.fetch_one(query("auth", "user_by_id"), {"id": user_id})
-    if row is None or row["disabled"]:
+    row = db.fetch_one(query("auth", "user_by_session"),
+                       {"session_id": _session_id(key),
+                        "lifetime": _session_lifetime()})
+    if row is None or row["id"] != user_id or row["disabled"]:
         return None
     tag = session.get("auth_tag")
     if not isinstance(tag, str) or not hmac.compare_digest(
@@ -301,8 +314,13 @@ def _log_in(user: User) -> Any:
                {"keys": [_user_key(user.username)]})
     row = db.fetch_one(query("auth", "user_by_id"), {"id": user.id})
     assert row is not None
+    key = secrets.token_urlsafe(32)
+    db.execute(query("auth", "open_session"),
+               {"session_id": _session_id(key), "user_id": user.id,
+                "lifetime": _session_lifetime()})
     session.clear()
     session["user_id"] = user.id
+    session["session_key"] = key
     session["auth_tag"] = session_tag(row["password_hash"])
     session.permanent = True
     logger.info("User %s logged in from %s", user.username, client_address(),
@@ -354,6 +372,9 @@ def login() -> Any:
 def logout() -> Any:
     """Log out the current user."""
     user = current_user()
+    key = session.get("session_key")
+    if isinstance(key, str):
+        db.execute(query("auth", "close_session"), {"session_id": _session_id(key)})
     session.clear()
     if user:
         logger.info("User %s logged out", user.username,

@@ -8,6 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.support.panel import PASSWORDS, csrf_token
+from webpanel import db
 
 
 def test_dashboard_redirects_anonymous_to_login(panel: Flask) -> None:
@@ -39,6 +40,43 @@ def test_logout_ends_the_session(client_for: Callable[[str], FlaskClient]) -> No
     client = client_for("admin")
     token = csrf_token(client.get("/").get_data(as_text=True))
     assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get("/").status_code == 302
+
+
+def test_copied_cookie_dies_at_logout(
+    panel: Flask, client_for: Callable[[str], FlaskClient]
+) -> None:
+    client = client_for("admin")
+    cookie = client.get_cookie("panel_session")
+    assert cookie is not None
+    copy = panel.test_client()
+    copy.set_cookie("panel_session", cookie.value)
+    assert copy.get("/").status_code == 200
+
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+
+    response = copy.get("/")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login")
+
+
+def test_other_sessions_survive_a_logout(
+    client_for: Callable[[str], FlaskClient],
+) -> None:
+    first = client_for("operator")
+    second = client_for("operator")
+    token = csrf_token(first.get("/").get_data(as_text=True))
+    assert first.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert second.get("/").status_code == 200
+
+
+def test_expired_session_row_rejected(
+    panel: Flask, client_for: Callable[[str], FlaskClient]
+) -> None:
+    client = client_for("viewer")
+    with panel.app_context():
+        db.execute("UPDATE panel_sessions SET created_at = now() - interval '13 hours'")
     assert client.get("/").status_code == 302
 
 

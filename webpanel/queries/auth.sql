@@ -111,3 +111,25 @@ WITH touched AS (
 SELECT u.id, u.username, u.role, u.disabled
   FROM api_tokens t JOIN panel_users u ON u.id = t.user_id
  WHERE t.token_hash = %(token_hash)s
+
+-- name: user_by_session
+-- The account of a live session: its row exists and is younger than the session
+-- lifetime. The hash lets a password change end old sessions.
+SELECT u.id, u.username, u.password_hash, u.role, u.disabled
+  FROM panel_sessions s
+  JOIN panel_users u ON u.id = s.user_id
+ WHERE s.id = %(session_id)s
+   AND s.created_at > now() - make_interval(secs => %(lifetime)s)
+
+-- name: open_session
+-- Record a new session, removing the account's expired ones in the same statement.
+WITH expired AS (
+    DELETE FROM panel_sessions
+     WHERE user_id = %(user_id)s
+       AND created_at <= now() - make_interval(secs => %(lifetime)s)
+)
+INSERT INTO panel_sessions (id, user_id) VALUES (%(session_id)s, %(user_id)s)
+
+-- name: close_session
+-- End one session at logout.
+DELETE FROM panel_sessions WHERE id = %(session_id)s
