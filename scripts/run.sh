@@ -74,9 +74,10 @@ fi
 
 # Without an API_BASE_URL of your own, jobs call the demo upstream in
 # scripts/demo_api.py, which supervisord runs on the default API_BASE_URL.
+# DEMO_API=true with a loopback API_BASE_URL runs the demo on that address.
 if [[ -z ${API_BASE_URL:-} ]]; then
     export DEMO_API=true
-else
+elif [[ ${DEMO_API:-false} != true ]]; then
     export DEMO_API=false
 fi
 

@@ -233,8 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOCAL_DATABASE", "false", _parse_bool,
             "set by make run when it runs the project-local PostgreSQL"),
     Setting("DEMO_API", "false", _parse_bool,
-            "set by make run when API_BASE_URL is unset: serve a demo upstream "
-            "on API_BASE_URL"),
+            "serve the demo upstream on API_BASE_URL; make run sets it when "
+            "API_BASE_URL is unset"),
 )
 
 
