@@ -47,6 +47,15 @@ def upstream() -> Iterator[Upstream]:
         yield server
 
 
+def assert_outage_logged_as_warning(log: str) -> None:
+    """Check that worker_00 logged the lost database as a WARNING and nothing worse."""
+    assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",
+                     log)
+    assert " CRITICAL " not in log
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+
+
 def start_latency(database_url: str, job_id: int) -> float:
     """Return the seconds between a job's deferred and started events."""
     times = {event["type"]: event["at"] for event in events(database_url, job_id)}
@@ -89,12 +98,7 @@ def test_worker_waits_out_outage(
         code = process.wait(outage + 30)
         own_postgres.resume()
     assert code == 1
-    log = process.log()
-    assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",
-                     log)
-    assert " CRITICAL " not in log
-    assert " ERROR " not in log
-    assert "Traceback" not in log
+    assert_outage_logged_as_warning(process.log())
 
 
 def test_restarted_worker_listens_again(
@@ -149,9 +153,5 @@ def test_outage_during_running_job_warns(
         code = process.wait(30)
 
     assert code == 1
-    log = process.log()
-    assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",
-                     log)
-    assert " ERROR " not in log
-    assert "Traceback" not in log
+    assert_outage_logged_as_warning(process.log())
     assert job(database_url, job_id)["status"] == "todo"
