@@ -33,15 +33,23 @@ from werkzeug.wrappers import Response
 
 from webpanel.db import DatabaseUnavailable
 from workers.settings import redact_url
+from workers.tasks.catalog import arguments_too_large, format_bytes
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Views that defer jobs: a body too large for them names the job argument limit.
+DEFER_ENDPOINTS = frozenset({"jobs.defer_task", "api.defer_job",
+                             "api.defer_jobs_batch"})
 EXPIRED_FORM_MESSAGE = "This form expired. Check the values and submit again."
 DATABASE_ERRORS = (DatabaseUnavailable, psycopg.OperationalError,
                    psycopg_pool.PoolTimeout,
                    procrastinate.exceptions.ConnectorException)
+# Errors of a query that names a table, column, function or type the database
+# lacks: its schema is older than the code.
+SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
+                 psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedObject)
 
 
 def keeps_input_when_expired(view: F) -> F:
@@ -71,28 +79,47 @@ def _load_page_user(database_failed: bool) -> None:
 
 
 def _page(status: int, title: str, message: str,
-          database_failed: bool = False) -> Response:
+          database_failed: bool = False, back_url: str | None = None) -> Response:
     if _wants_json():
         response = jsonify({"error": title, "message": message})
     else:
         _load_page_user(database_failed)
         response = make_response(render_template(
-            "error.html", status=status, title=title, message=message))
+            "error.html", status=status, title=title, message=message,
+            back_url=back_url))
     response.status_code = status
     return response
+
+
+def _too_large_message() -> str:
+    # The body was not read, so its size is the Content-Length the client sent.
+    limit = request.max_content_length
+    size = request.content_length
+    measured = f" is {format_bytes(size)}," if size else ""
+    message = "The request body is too large; send less data."
+    if limit:
+        message = (f"The request body{measured} larger than {limit} bytes "
+                   f"({format_bytes(limit)}), the largest the panel accepts.")
+    if request.endpoint in DEFER_ENDPOINTS:
+        settings = current_app.config["FLEET_SETTINGS"]
+        message += (" Nothing was deferred: job arguments "
+                    + arguments_too_large(None, settings.max_arguments_bytes)
+                    + ".")
+    elif limit:
+        message += " Send less data."
+    return message
 
 
 def _handle_http(exc: HTTPException) -> Any:
     status = exc.code or 500
     title = exc.name
     message = exc.description or ""
+    back_url = None
     if status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        message = "The request body is too large; send less data."
-        if limit:
-            message = (f"The request body is larger than {limit} bytes, the "
-                       "largest the panel accepts; send less data.")
-    response = _page(status, title, message)
+        message = _too_large_message()
+        if request.endpoint == "jobs.defer_task":
+            back_url = request.path
+    response = _page(status, title, message, back_url=back_url)
     # Keep the headers the exception carries: Allow, WWW-Authenticate, Retry-After.
     for name, value in exc.get_headers():
         if name.lower() not in {"content-type", "content-length"}:
@@ -164,6 +191,8 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _handle_database(exc: Exception) -> Any:
+    if _schema_cause(exc) is not None:
+        return _handle_schema(exc)
     timed_out = _timed_out(exc)
     logger.warning("Database unavailable for %s %s: %s", request.method,
                    request.path, redact_url(str(exc)),
@@ -179,7 +208,32 @@ def _handle_database(exc: Exception) -> Any:
     return response
 
 
+def _schema_cause(exc: BaseException) -> psycopg.Error | None:
+    # Procrastinate wraps psycopg's errors in ConnectorException, so the missing
+    # object may sit anywhere in the chain of causes.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SCHEMA_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _handle_schema(exc: Exception) -> Any:
+    cause = _schema_cause(exc) or exc
+    first_line = (str(cause).splitlines() or [""])[0][:200]
+    logger.error("Database schema behind the code on %s %s: %s; run `python -m "
+                 "workers.schema apply`", request.method, request.path, first_line,
+                 extra={"action": "schema_behind_code"})
+    return _page(503, "Database schema behind the code",
+                 f"The database schema is behind the code: {first_line}. Apply the "
+                 "migrations with `python -m workers.schema apply`; /healthz lists "
+                 "every missing object.", database_failed=True)
+
+
 def _handle_unexpected(exc: Exception) -> Any:
+    if _schema_cause(exc) is not None:
+        return _handle_schema(exc)
     incident = uuid.uuid4().hex[:12]
     logger.error("Unhandled error %s on %s %s", incident, request.method,
                  request.path, exc_info=exc,
@@ -194,6 +248,8 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(CSRFError, _handle_csrf)
     app.register_error_handler(HTTPException, _handle_http)
     app.register_error_handler(psycopg.DataError, _handle_data_error)
+    for kind in SCHEMA_ERRORS:
+        app.register_error_handler(kind, _handle_schema)
     for kind in DATABASE_ERRORS:
         app.register_error_handler(kind, _handle_database)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -34,7 +34,7 @@ from webpanel.auth import current_user, public
 from webpanel.db import DatabaseUnavailable
 from webpanel.queries import query
 from workers.errors import SchemaMismatchError
-from workers.schema import check_schema_rows
+from workers.schema import check_schema_rows, installed_procrastinate_version
 from workers.schema.objects import missing_objects
 from workers.settings import Settings
 
@@ -79,8 +79,13 @@ def _check_schema() -> dict[str, Any]:
         conn.row_factory = tuple_row  # type: ignore[assignment]
         missing = missing_objects(conn)  # type: ignore[arg-type]
     if missing:
-        return {"ok": False, "message": "the database schema is behind the code: "
-                                        "missing " + ", ".join(missing)}
+        return {"ok": False, "message": (
+            "the database schema is behind the code: missing "
+            + ", ".join(missing)
+            + ". Apply Procrastinate's migrations up to "
+            f"{installed_procrastinate_version()} (pre-migrations before deploying "
+            "new code, post-migrations after), then run "
+            "`python -m workers.schema apply`")}
     return {"ok": True}
 
 

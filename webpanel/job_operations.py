@@ -54,6 +54,19 @@ class ActionOutcome:
     conflicting_job_id: int | None = None
 
 
+# The worker numbers an attempt ``attempts + 1``. A failed job's ``attempts``
+# already counts its last attempt, and Procrastinate's retry adds 1 more, so this
+# takes 1 back first (or keeps the highest recorded number, when that is larger).
+# It runs while the job is still failed, because an update of a waiting job adds a
+# 'scheduled' event. The value may be -1 until the retry, under the row lock.
+UNCOUNT_FAILED_RETRY = """
+UPDATE procrastinate_jobs
+   SET attempts = GREATEST(attempts - 1, COALESCE(
+       (SELECT max(attempt) FROM job_attempts WHERE job_id = %(job_id)s), 0)) - 1
+ WHERE id = %(job_id)s AND status = 'failed'
+"""
+
+
 def _settings() -> Settings:
     return current_app.config["FLEET_SETTINGS"]
 
@@ -123,6 +136,8 @@ def _retry(conn: psycopg.Connection[Any], job: dict[str, Any]) -> None:
                         f"job; retried by {user.username if user else 'an operator'}"
                         "; the task may have run partly"),
         })
+    else:
+        conn.execute(UNCOUNT_FAILED_RETRY, {"job_id": job["id"]})
     connector = db.procrastinate_app().connector.get_sync_connector()
     connector.execute_query_one_with_connection(  # type: ignore[attr-defined]
         conn, query=procrastinate_sql.queries["retry_job"], job_id=job["id"],

@@ -18,6 +18,7 @@ from typing import Any
 from webpanel import db
 from webpanel.queries import query
 from workers.app import retry_strategy
+from workers.retry import parse_retry_after
 from workers.settings import Settings
 from workers.tasks.catalog import TASKS, TaskDescription
 
@@ -201,6 +202,19 @@ def merge_timeline(events: Iterable[dict[str, Any]],
     return entries
 
 
+def mark_capped_retry_after(attempts: Iterable[dict[str, Any]],
+                            retry_after_max: float) -> None:
+    """Set each attempt's ``retry_after_cap`` when its Retry-After exceeded the cap."""
+    for attempt in attempts:
+        attempt["retry_after_cap"] = None
+        received_at = attempt.get("ended_at") or attempt.get("started_at")
+        if not attempt.get("retry_after") or received_at is None:
+            continue
+        seconds = parse_retry_after(attempt["retry_after"], received_at)
+        if seconds is not None and seconds > retry_after_max:
+            attempt["retry_after_cap"] = retry_after_max
+
+
 def build_detail(job: dict[str, Any], settings: Settings,
                  actions: dict[str, str | None]) -> JobDetail:
     """Load a job's events, attempts, audit entries and result into a JobDetail."""
@@ -214,6 +228,11 @@ def build_detail(job: dict[str, Any], settings: Settings,
         now = conn.execute("SELECT now() AS now").fetchone()["now"]
     for audit in audits:
         audit["details"] = redact(audit["details"], keys)
+    retry_after_max = settings.retry_after_max
+    description = TASKS.get(job["task_name"])
+    if description is not None:
+        retry_after_max = retry_strategy(settings, description).retry_after_max
+    mark_capped_retry_after(attempts, retry_after_max)
     arguments = redact(job["args"], keys)
     result = redact(stored["result"], keys) if stored else None
     joke = None

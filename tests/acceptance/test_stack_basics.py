@@ -52,6 +52,17 @@ def _defer(client: httpx.Client, task: str, values: dict[str, str]) -> int:
 
 
 
+def _dashboard_count(client: httpx.Client, status: str) -> int:
+    """Return the exact number of ``status`` jobs the dashboard shows."""
+    page = client.get("/")
+    assert page.status_code == 200, page.text[:500]
+    match = re.search(
+        rf'data-status="{status}" data-exact="(yes|no)">\s*([^<]*?)\s*<', page.text)
+    assert match is not None, f"the dashboard shows no {status} count"
+    assert match.group(1) == "yes", match.group(0)
+    return int(match.group(2).replace(",", ""))
+
+
 def _job_row(database_url: str, job_id: int) -> dict[str, object]:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
@@ -134,6 +145,7 @@ def test_killed_worker_job_is_retried_and_finishes_once(
         JOB_DEADLINE, f"job {job_id} to be doing",
     )
     assert isinstance(doing, dict)
+    assert _dashboard_count(client, "doing") >= 1
     name = _process_of_worker(database_url, int(doing["worker_id"]))
     old_pid = stack.process_info(name)["pid"]
     stack.kill(name, signal.SIGKILL)
@@ -153,3 +165,7 @@ def test_killed_worker_job_is_retried_and_finishes_once(
     scheduler_log = stack.log("scheduler")
     assert re.search(rf"Stalled job {job_id} of dead worker {doing['worker_id']}",
                      scheduler_log), scheduler_log[-2000:]
+    # A periodic maintenance job may be running at the moment of a look, so the
+    # dashboard gets a few seconds to show none.
+    wait_until(lambda: _dashboard_count(client, "doing") == 0, 15,
+               "the dashboard to show 0 doing jobs")

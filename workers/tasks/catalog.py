@@ -184,6 +184,26 @@ def _check_json_strings(value: Any) -> str | None:
     return None
 
 
+def format_bytes(size: int) -> str:
+    """Format a byte count as '900 bytes', '16 KiB' or '2.0 MiB'."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB".replace(".0 KiB", " KiB")
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def arguments_too_large(size: int | None, max_bytes: int) -> str:
+    """Return the message for job arguments over MAX_ARGUMENTS_BYTES."""
+    measured = f"are {format_bytes(size)} of JSON" if size is not None \
+        else "are too large"
+    return (
+        f"{measured}; the limit is {format_bytes(max_bytes)} "
+        f"(MAX_ARGUMENTS_BYTES = {max_bytes} bytes). Send a smaller JSON body, or "
+        "store large data elsewhere and pass a reference to it"
+    )
+
+
 def validate_arguments(
     task_name: str, raw: dict[str, Any], max_bytes: int
 ) -> dict[str, Any]:
@@ -227,10 +247,7 @@ def validate_arguments(
             errors["json"] = "must be finite JSON; NaN and Infinity are not JSON"
         size = len(encoded.encode("utf-8"))
         if size > max_bytes:
-            errors["arguments"] = (
-                f"are {size} bytes of JSON; the limit is {max_bytes} "
-                "(MAX_ARGUMENTS_BYTES)"
-            )
+            errors["arguments"] = arguments_too_large(size, max_bytes)
     if errors:
         exc = InvalidTaskArguments(
             "invalid arguments: "
