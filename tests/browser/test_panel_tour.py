@@ -60,6 +60,25 @@ def test_log_in_defer_and_read_the_joke(
     screenshot(page, "job-page")
 
 
+def test_oversized_body_keeps_the_form(page: Page, browser_stack: Stack) -> None:
+    log_in(page, browser_stack)
+    page.goto(f"{browser_stack.url}/defer/call_api")
+    page.select_option("select[name=method]", "POST")
+    page.fill("input[name=path]", "/items")
+    body = '{"blob": "' + "x" * (2 * 1024 * 1024) + '"}'
+    page.fill("textarea[name=json]", body)
+    page.click("button:has-text('Defer job')")
+
+    notice = page.locator("#defer-size-error")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("The arguments are 2.0 MiB")
+    expect(notice).to_contain_text("MAX_ARGUMENTS_BYTES")
+    expect(page).to_have_url(re.compile(r"/defer/call_api$"))
+    expect(page.locator("input[name=path]")).to_have_value("/items")
+    assert len(page.input_value("textarea[name=json]")) == len(body)
+    screenshot(page, "defer-too-large")
+
+
 def test_filter_and_search_by_argument(page: Page, browser_stack: Stack) -> None:
     log_in(page, browser_stack)
     page.goto(f"{browser_stack.url}/jobs")

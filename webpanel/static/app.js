@@ -110,3 +110,40 @@
 
   window.setInterval(markStale, 5000);
 })();
+
+// ---- Defer form: a body larger than the panel accepts is stopped in the browser.
+// The server would answer 413 before it reads the form, and the operator would
+// lose what was typed; here the form stays as it is, with the sizes named. ----
+(function () {
+  "use strict";
+
+  function describe(bytes) {
+    if (bytes >= 1048576) return (bytes / 1048576).toFixed(1) + " MiB";
+    return (bytes / 1024).toFixed(1) + " KiB";
+  }
+
+  document.addEventListener("submit", function (event) {
+    var form = event.target.closest ? event.target.closest("form[data-max-bytes]") : null;
+    if (!form) return;
+    var limit = Number(form.getAttribute("data-max-bytes"));
+    var argumentLimit = Number(form.getAttribute("data-argument-limit"));
+    var encoder = new TextEncoder();
+    var size = 0;
+    form.querySelectorAll("textarea, input[type=text]").forEach(function (field) {
+      size += encoder.encode(field.value).length;
+    });
+    var notice = document.getElementById(form.getAttribute("data-size-error"));
+    if (!limit || size <= limit) {
+      if (notice) notice.hidden = true;
+      return;
+    }
+    event.preventDefault();
+    if (notice) {
+      notice.textContent = "The arguments are " + describe(size) + "; the limit for job " +
+        "arguments is " + describe(argumentLimit) + " (MAX_ARGUMENTS_BYTES). Nothing was " +
+        "sent: shorten the JSON body and submit again.";
+      notice.hidden = false;
+      notice.scrollIntoView();
+    }
+  });
+})();
