@@ -112,8 +112,8 @@
 })();
 
 // ---- Defer form: a body larger than the panel accepts is stopped in the browser.
-// The server would answer 413 before it reads the form, and the operator would
-// lose what was typed; here the form stays as it is, with the sizes named. ----
+// The server returns 413 before it reads the form, so the typed input would be
+// lost. Here the form stays as it is, and a notice names the sizes. ----
 (function () {
   "use strict";
 
