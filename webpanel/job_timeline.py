@@ -176,6 +176,11 @@ def _sort_key(entry: TimelineEntry) -> tuple[datetime.datetime, int, int]:
     return at, _KIND_ORDER[entry.kind], int(entry.data.get("id") or 0)
 
 
+def action_label(action: str) -> str:
+    """Return an audit action name as words: ``job_retried`` gives "Job retried"."""
+    return action.replace("_", " ").capitalize()
+
+
 def merge_timeline(events: Iterable[dict[str, Any]],
                    attempts: Iterable[dict[str, Any]],
                    audits: Iterable[dict[str, Any]],
@@ -196,7 +201,8 @@ def merge_timeline(events: Iterable[dict[str, Any]],
     for audit in audits:
         entries.append(TimelineEntry(
             at=audit["at"], kind="audit",
-            title=f"{audit['action']} by {audit['username']}", data=audit,
+            title=f"{action_label(audit['action'])} by {audit['username']}",
+            data=audit,
         ))
     entries.sort(key=_sort_key)
     return entries

@@ -113,7 +113,8 @@ def test_retry_a_failed_job(
 
     page.click("button[data-action=retry]")
     _reload_until_status(page, "succeeded")
-    expect(page.locator("body")).to_contain_text("job_retried")
+    expect(page.locator("[data-audit-action=job_retried]")).to_contain_text(
+        "Job retried by admin")
     screenshot(page, "job-retried")
 
 

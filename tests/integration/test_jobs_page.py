@@ -140,7 +140,7 @@ def test_timeline_merges_events_attempts_and_audit(
         in html
     assert "worker:worker_00 on host-a (pid 4242)" in html
     assert "after 1.5 s" in html
-    assert "job_retried by ann" in html
+    assert "Job retried by ann" in html
 
 
 def test_retry_plan_with_jitter_shows_ranges(database_url: str) -> None:
