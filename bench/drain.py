@@ -124,10 +124,12 @@ def stop_all(children: list[Child]) -> None:
 
 def drain_once(url: str, kind: str, processes: int, concurrency: int,
                jobs: int, run_dir: Path,
-               server: BenchServer | None = None) -> DrainRun:
+               server: BenchServer | None = None,
+               database_pid: int | None = None) -> DrainRun:
     """Seed ``jobs`` jobs, drain them with fresh workers and measure the rate.
 
     With ``server``, the statements the drain ran are counted and printed per job.
+    With ``database_pid``, the postmaster's CPU time per job is measured too.
     """
     reset_jobs(url)
     names = PRODUCT_TASKS if kind == "product" else [NOOP]
@@ -136,7 +138,6 @@ def drain_once(url: str, kind: str, processes: int, concurrency: int,
         server.reset_statements(url)
     workers = start_workers(kind, url, processes, concurrency, run_dir)
     what = f"{kind} {processes}x{concurrency} draining {jobs} jobs"
-    database_pid = server.server_pid if server is not None else None
     try:
         with FinishedJobs(url) as finished:
             wait_until(lambda: finished.count() >= jobs // 10, DRAIN_TIMEOUT, what,
@@ -196,7 +197,8 @@ def run_drain(config: BenchConfig, server: BenchServer) -> list[Target]:
                     last = run == config.runs - 1
                     result = drain_once(url, kind, processes, concurrency,
                                         config.drain_jobs, run_dir,
-                                        server if counted and last else None)
+                                        server if counted and last else None,
+                                        server.server_pid)
                     if result.failed:
                         say(f"warning: {result.failed} {kind} jobs failed; see "
                             "job_attempts")

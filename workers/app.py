@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import select
+import time
+import weakref
 from typing import Any
 
 import procrastinate
+import psycopg
+import psycopg_pool
+from psycopg.pq import TransactionStatus
 
 from workers.identity import application_name
 from workers.retry import BackoffRetry
@@ -21,6 +27,65 @@ def connection_kwargs(settings: Settings, role: str) -> dict[str, Any]:
     }
 
 
+# Seconds after a checkout within which the next checkout of the same connection
+# makes no round trip to the server, provided its socket has nothing to read.
+RECENT_USE_SECONDS = 2.0
+
+
+class RecentUseCheck:
+    """Pool ``check`` callback that skips the round trip for a recently used connection.
+
+    The pool calls it on every checkout. psycopg_pool's full check (an empty query)
+    runs when the connection was never handed out or not in the last
+    ``recent_use_seconds``, is not idle, or has bytes waiting on its socket. An idle
+    pooled connection normally receives nothing. A server that ends it (a restart,
+    ``pg_terminate_backend``) sends an error and closes the socket, so the full
+    check runs, fails, and the pool replaces the connection. A connection lost
+    without a word from the server (a dropped network path) within the window
+    fails on its next query instead.
+    """
+
+    def __init__(self, recent_use_seconds: float = RECENT_USE_SECONDS) -> None:
+        self.recent_use_seconds = recent_use_seconds
+        self._handed_out_at: weakref.WeakKeyDictionary[
+            psycopg.AsyncConnection[Any], float
+        ] = weakref.WeakKeyDictionary()
+
+    def needs_round_trip(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Return whether ``conn`` must pass the full check before it is handed out."""
+        last = self._handed_out_at.get(conn)
+        if last is None or time.monotonic() - last > self.recent_use_seconds:
+            return True
+        if conn.closed or conn.broken:
+            return True
+        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+            return True
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.needs_round_trip(conn):
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+        self._handed_out_at[conn] = time.monotonic()
+
+
+async def set_autocommit(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Put a new pooled connection in autocommit mode."""
+    await conn.set_autocommit(True)
+
+
+def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
+    """Create the async pool of an App, with autocommit and the cheaper check.
+
+    Procrastinate passes ``check=AsyncConnectionPool.check_connection``, which costs
+    one round trip per checkout. ``RecentUseCheck`` replaces it.
+    """
+    kwargs["check"] = RecentUseCheck()
+    kwargs["configure"] = set_autocommit
+    return psycopg_pool.AsyncConnectionPool(**kwargs)
+
+
 def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
               ) -> procrastinate.App:
     """Build an unopened App with every task registered; nothing is connected yet."""
@@ -29,12 +94,24 @@ def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
 
         require_database_url(settings)
     max_size = pool_max_size or settings.db_pool_max_size
+    # The async pool's connections are in autocommit mode, so a query costs no
+    # BEGIN and COMMIT. That changes no transaction, because the connector checks
+    # out a connection per query, runs one statement and commits. Nothing in workers/
+    # takes a connection itself (``pool.connection()``) or runs two statements in
+    # one string, and the statements that need a lock (the sweep's FOR UPDATE)
+    # take and use it within one statement.
+    # ``autocommit`` goes through ``configure`` and not ``kwargs``: Procrastinate
+    # opens its LISTEN connection with the pool's kwargs plus ``autocommit=True``,
+    # which a second ``autocommit`` in kwargs would make a TypeError.
+    # ``pool_factory`` is used by ``open_async`` only. The synchronous connector
+    # (``App.open()``, or the panel's own pool) keeps psycopg's defaults.
     connector = procrastinate.PsycopgConnector(
         conninfo=settings.database_url,
         min_size=1,
         max_size=max_size,
         timeout=max(settings.db_connect_timeout, 5),
         kwargs=connection_kwargs(settings, role),
+        pool_factory=worker_pool,
     )
     app = procrastinate.App(connector=connector)
     register_tasks(app, settings)

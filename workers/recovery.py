@@ -10,6 +10,11 @@ Each job is given back (or failed) by one statement that checks again, under a r
 lock, that the job is still ``doing`` for the same dead worker. Two sweeps running at
 once, or a slow worker that finishes the job meanwhile, therefore never make a job
 run twice at the same time.
+
+Procrastinate's trigger notifies workers when a job is inserted, not when one goes
+back to ``todo``. The statement that gives a job back therefore sends the same
+``job_inserted`` notification itself, so an idle worker fetches it at once instead
+of at its next poll.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ logger = logging.getLogger(__name__)
 # still dead; the outer statement then retries or fails it.
 _STILL_STALLED = """
 WITH stalled AS (
-    SELECT j.id FROM procrastinate_jobs j
+    SELECT j.id, j.queue_name FROM procrastinate_jobs j
      WHERE j.id = %(job_id)s
        AND j.status = 'doing'
        AND j.worker_id IS NOT DISTINCT FROM %(worker_id)s
@@ -40,8 +45,17 @@ WITH stalled AS (
 )
 """
 
+# The notification has the channels and payload of Procrastinate 3.10's
+# procrastinate_notify_queue_job_inserted_v1 trigger. PostgreSQL delivers it when
+# the statement commits, so only a job actually given back is announced.
 RETRY_STALLED_JOB = _STILL_STALLED + """
-SELECT id, procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM stalled
+SELECT s.id,
+       procrastinate_retry_job_v2(s.id, now(), NULL, NULL, NULL),
+       pg_notify('procrastinate_queue_v1#' || s.queue_name, n.payload),
+       pg_notify('procrastinate_any_queue_v1', n.payload)
+  FROM stalled s,
+       LATERAL (SELECT json_build_object('type', 'job_inserted', 'job_id', s.id)::text
+                    AS payload) n
 """
 
 FAIL_STALLED_JOB = _STILL_STALLED + """

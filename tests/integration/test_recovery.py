@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from tests.support.faults import (
     InProcessWorker,
@@ -25,6 +28,7 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.upstream import Upstream
+from workers import runner
 from workers.app import build_app
 from workers.recovery import RecoveryReport, recover_stalled_jobs
 from workers.settings import Settings
@@ -32,6 +36,8 @@ from workers.settings import Settings
 # seconds, STALLED_JOB_THRESHOLD in tests.support.faults: above the shutdown
 # timeouts plus one heartbeat interval, as the settings require.
 THRESHOLD = 7.0
+
+ANY_QUEUE_CHANNEL = "procrastinate_any_queue_v1"
 
 
 @pytest.fixture
@@ -240,3 +246,81 @@ def test_scheduler_sweeps_on_schedule(
         "WHERE task_name = 'retry_stalled_jobs' GROUP BY status",
     )
     assert {row["status"] for row in sweeps} <= {"succeeded", "todo", "doing"}
+
+
+def listen(database_url: str, channels: list[str]) -> psycopg.Connection:
+    """Open an autocommit connection listening on ``channels``."""
+    conn = psycopg.connect(database_url, autocommit=True)
+    for channel in channels:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    return conn
+
+
+def received(conn: psycopg.Connection, count: int) -> list[psycopg.Notify]:
+    """Return the next ``count`` notifications, or fewer after 10 s."""
+    return list(conn.notifies(timeout=10, stop_after=count))
+
+
+def test_recovered_job_sends_inserted_notification(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    job_id, _ = start_and_kill(database_url, upstream, tmp_path)
+    settings = fleet_settings(database_url, upstream.url)
+    queue = job(database_url, job_id)["queue_name"]
+    queue_channel = f"procrastinate_queue_v1#{queue}"
+
+    with listen(database_url, [ANY_QUEUE_CHANNEL, queue_channel]) as conn:
+        # What Procrastinate's insert trigger sends, for comparison.
+        new_job = defer_job(settings, "fetch_joke")
+        assert job(database_url, new_job)["queue_name"] == queue
+        inserted = received(conn, 2)
+        wait_until(
+            lambda: sweep(settings).retried, THRESHOLD + 3, "the sweep to retry the job"
+        )
+        recovered = received(conn, 2)
+
+    assert job(database_url, job_id)["status"] == "todo"
+    assert {n.channel for n in inserted} == {ANY_QUEUE_CHANNEL, queue_channel}
+    assert {n.channel for n in recovered} == {ANY_QUEUE_CHANNEL, queue_channel}
+    for notification in recovered:
+        payload = json.loads(notification.payload)
+        assert payload == {"type": "job_inserted", "job_id": job_id}
+    # The same text up to the job id, so any listener parses both alike.
+    trigger_text = inserted[0].payload.replace(str(new_job), "ID")
+    assert recovered[0].payload.replace(str(job_id), "ID") == trigger_text
+
+
+def test_recovered_job_wakes_idle_worker(
+    database_url: str, upstream: Upstream, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a poll every 300 s, only a notification can start the job within
+    # the waits below.
+    monkeypatch.setattr(runner, "FETCH_POLL_INTERVAL", 300.0)
+    job_id, _ = start_and_kill(database_url, upstream, tmp_path)
+    settings = fleet_settings(database_url, upstream.url)
+    queue = job(database_url, job_id)["queue_name"]
+
+    with InProcessWorker(settings):
+        # The worker listens on its queues' channels in order, the job's last.
+        assert settings.worker_queues[-1] == queue
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle' AND query LIKE %s",
+                (f'LISTEN "procrastinate_queue_v1#{queue}"%',),
+            ),
+            10,
+            "the in-process worker to listen",
+        )
+        wait_until(
+            lambda: sweep(settings).retried, THRESHOLD + 3, "the sweep to retry the job"
+        )
+        wait_for_status(database_url, job_id, "succeeded", timeout=10)
+
+    times = [(e["type"], e["at"]) for e in events(database_url, job_id)]
+    retried_at = [at for kind, at in times if kind == "deferred_for_retry"][-1]
+    started_at = [at for kind, at in times if kind == "started"][-1]
+    assert (started_at - retried_at).total_seconds() < 2.0
+    assert upstream.count("/slow") == 2
