@@ -10,13 +10,15 @@ from typing import Any
 import procrastinate
 import psycopg
 import psycopg_pool
+from procrastinate import manager
+from procrastinate.jobs import Job
 from psycopg.pq import TransactionStatus
 
 from workers.identity import application_name
 from workers.retry import BackoffRetry
 from workers.settings import Settings
 from workers.tasks import register_tasks
-from workers.tasks.catalog import TaskDescription
+from workers.tasks.catalog import TASKS, TaskDescription, validate_arguments
 
 
 def connection_kwargs(settings: Settings, role: str) -> dict[str, Any]:
@@ -86,6 +88,49 @@ def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
     return psycopg_pool.AsyncConnectionPool(**kwargs)
 
 
+class CheckedJobManager(manager.JobManager):
+    """Job manager that checks a job's arguments before the job is inserted.
+
+    The panel's form and API check arguments before they defer, and so does this
+    manager for every other caller (``task.defer()`` in code, a shell), so one
+    MAX_ARGUMENTS_BYTES limit and one set of argument rules apply to every defer.
+    Invalid arguments raise InvalidTaskArguments and insert nothing. A job written
+    to the table by other means is still checked again by the task when it runs.
+    """
+
+    def __init__(self, connector: procrastinate.BaseConnector, max_bytes: int
+                 ) -> None:
+        super().__init__(connector=connector)
+        self.max_bytes = max_bytes
+
+    def check(self, jobs: list[Job]) -> None:
+        """Raise InvalidTaskArguments for the first job whose arguments are invalid."""
+        for job in jobs:
+            description = TASKS.get(job.task_name)
+            if description is not None and description.user_facing:
+                validate_arguments(job.task_name, job.task_kwargs, self.max_bytes)
+
+    async def defer_job_async(self, job: Job, connection: Any | None = None) -> Job:
+        self.check([job])
+        return await super().defer_job_async(job, connection)
+
+    def defer_job(self, job: Job, connection: Any | None = None) -> Job:
+        self.check([job])
+        return super().defer_job(job, connection)
+
+    async def batch_defer_jobs_async(
+        self, jobs: list[Job], connection: Any | None = None
+    ) -> list[Job]:
+        self.check(jobs)
+        return await super().batch_defer_jobs_async(jobs, connection)
+
+    def batch_defer_jobs(
+        self, jobs: list[Job], connection: Any | None = None
+    ) -> list[Job]:
+        self.check(jobs)
+        return super().batch_defer_jobs(jobs, connection)
+
+
 def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
               ) -> procrastinate.App:
     """Build an unopened App with every task registered; nothing is connected yet."""
@@ -114,6 +159,9 @@ def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
         pool_factory=worker_pool,
     )
     app = procrastinate.App(connector=connector)
+    # Tasks read ``app.job_manager`` whenever they are configured, so every defer
+    # through this App goes through the checked manager.
+    app.job_manager = CheckedJobManager(connector, settings.max_arguments_bytes)
     register_tasks(app, settings)
     return app
 

@@ -26,12 +26,15 @@ from tests.support.faults import (
     defer_job,
     events,
     fleet_settings,
+    insert_job,
+    query,
     wait_for_status,
 )
 from tests.support.forms import form_fields
 from tests.support.panel import logged_in_client
 from tests.support.upstream import Upstream
 from webpanel import db
+from workers.errors import InvalidTaskArguments
 from workers.tasks.catalog import format_bytes
 
 MAX_ARGUMENTS_BYTES = 16384  # the documented default of the setting
@@ -153,12 +156,26 @@ def test_api_rejects_large_bodies_naming_limit(
     assert _job_count(database_url) == 0
 
 
-def test_direct_defer_over_limit_never_calls_upstream(
+def test_direct_defer_over_limit_rejected(
     database_url: str, upstream: Upstream
 ) -> None:
     settings = fleet_settings(database_url, upstream.url)
-    job_id = defer_job(settings, "call_api", method="POST", path="/items",
-                       json={"blob": "x" * (60 * 1024)})
+    with pytest.raises(InvalidTaskArguments) as raised:
+        defer_job(settings, "call_api", method="POST", path="/items",
+                  json={"blob": "x" * (60 * 1024)})
+
+    assert LIMIT_TEXT in str(raised.value)
+    assert query(database_url, "SELECT count(*) AS n FROM procrastinate_jobs"
+                 )[0]["n"] == 0
+
+
+def test_inserted_job_over_limit_fails_without_request(
+    database_url: str, upstream: Upstream
+) -> None:
+    # A job written by SQL skips the defer's check; the task checks it again.
+    settings = fleet_settings(database_url, upstream.url)
+    job_id = insert_job(database_url, "call_api", {
+        "method": "POST", "path": "/items", "json": {"blob": "x" * (60 * 1024)}})
 
     with InProcessWorker(settings):
         wait_for_status(database_url, job_id, "failed", timeout=20)

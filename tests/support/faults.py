@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import procrastinate
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from workers.app import build_app
 from workers.runner import FleetWorker
@@ -361,6 +362,18 @@ def defer_jobs(
             configure.setdefault("queue", "api_calls")
             deferrer = app.configure_task(name=task_name, **configure)
         return [deferrer.defer(**dict(kwargs)) for kwargs in arguments]
+
+
+def insert_job(url: str, task_name: str, arguments: Mapping[str, Any],
+               queue: str = "api_calls") -> int:
+    """Insert a job with SQL alone, as a client without the product's checks would."""
+    rows = query(
+        url,
+        "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW(%s, %s, 0, NULL, NULL, "
+        "%s::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1] AS id",
+        (queue, task_name, Jsonb(dict(arguments))),
+    )
+    return int(rows[0]["id"])
 
 
 def defer_job(settings: Settings, task_name: str, **kwargs: Any) -> int:
