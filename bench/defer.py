@@ -5,6 +5,8 @@ The anchors are bare Procrastinate in this process: sync ``defer()`` after
 product is the defer form (``POST /defer/fetch_joke`` with its CSRF token) and
 the API, both through gunicorn with its default workers. With pg_stat_statements,
 the statements one defer costs the database are counted for both, by query text.
+The API's batch figures alternate with ``batch_defer_async`` runs on a database of
+their own, and the target compares those.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def run_defer(config: BenchConfig, server: BenchServer) -> list[Target]:
             targets.extend(_measure_form(server, panel, url, config,
                                          median(sync_rates), bare_counts))
         targets.extend(_measure_api(server, panel, url, config, median(sync_rates),
-                                    median(batch_rates)))
+                                    server.new_database("bench_defer_bare")))
     return targets
 
 
@@ -236,6 +238,23 @@ def api_rate(client: httpx.Client, count: int) -> float:
     return _rate(count, time.perf_counter() - started)
 
 
+def bare_batch_rate(url: str, jobs: int) -> float:
+    """Return jobs per second deferred with batch_defer_async, BATCH_SIZE each."""
+
+    async def measure() -> float:
+        app = deferrer_app(url)
+        async with app.open_async():
+            task = app.tasks[NOOP]
+            await task.defer_async()
+            batches = max(jobs // BATCH_SIZE, 1)
+            started = time.perf_counter()
+            for _ in range(batches):
+                await task.batch_defer_async(*({} for _ in range(BATCH_SIZE)))
+            return _rate(batches * BATCH_SIZE, time.perf_counter() - started)
+
+    return asyncio.run(measure())
+
+
 def api_batch_rate(client: httpx.Client, jobs: int) -> float:
     """Return jobs per second deferred through the batch route, BATCH_SIZE each."""
     body = {"jobs": [{"arguments": {}} for _ in range(BATCH_SIZE)]}
@@ -247,7 +266,7 @@ def api_batch_rate(client: httpx.Client, jobs: int) -> float:
 
 
 def _measure_api(server: BenchServer, panel: Panel, url: str, config: BenchConfig,
-                 sync_rate: float, batch_async: float) -> list[Target]:
+                 sync_rate: float, bare_url: str) -> list[Target]:
     goal = ">= 80% of batch_defer_async"
     client = panel.api_client()
     if client is None:
@@ -266,8 +285,17 @@ def _measure_api(server: BenchServer, panel: Panel, url: str, config: BenchConfi
                 server, url,
                 lambda: _post_json(client, API_DEFER_PATH, {"arguments": {}}))
             show_statements("API single defer", counts)
-        batches = _repeat(config.runs, lambda: api_batch_rate(client, BATCH_JOBS))
+        # Bare and API batches alternate, on databases that grow alike, so that
+        # other load on the machine reaches both.
+        bares: list[float] = []
+        batches: list[float] = []
+        for _ in range(config.runs):
+            bares.append(bare_batch_rate(bare_url, BATCH_JOBS))
+            batches.append(api_batch_rate(client, BATCH_JOBS))
+        say("bare batch_defer_async, alternating with the API: "
+            + format_runs(bares, "jobs/s", 0))
         say(f"API batch defer: {format_runs(batches, 'jobs/s', 0)}")
+        batch_async = median(bares)
         say(format_ratio("api_batch_defer", median(batches), batch_async))
     share = median(batches) / batch_async if batch_async else 0.0
     return [Target("api_batch_defer",

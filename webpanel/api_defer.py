@@ -10,7 +10,7 @@ A request body names the task's arguments and the job options::
 ``defer_service.validate_defer``, the checks of the defer form. A batch is checked
 whole first: one invalid item rejects it with each item's errors, and nothing is
 deferred. A valid batch is inserted with one statement of Procrastinate's batch
-path (``JobManager.batch_defer_jobs``) in one transaction, and audited once.
+path (``JobManager.batch_defer_jobs``) and audited once, in one transaction.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ import dataclasses
 import datetime
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
+import procrastinate
 import procrastinate.exceptions
-from flask import url_for
+import procrastinate.jobs
+import psycopg
+from flask import current_app, url_for
 from werkzeug.wrappers import Response
 
 from webpanel import audit, db, job_service
@@ -36,8 +40,9 @@ from webpanel.api import (
 )
 from webpanel.api_schemas import MAX_BATCH_ITEMS
 from webpanel.auth import requires
-from webpanel.defer_service import PRIORITY_MAX, PRIORITY_MIN, time_zones
+from webpanel.defer_service import PRIORITY_MAX, PRIORITY_MIN, is_time_zone
 from webpanel.queries import query
+from workers.settings import Settings
 from workers.tasks.catalog import TaskDescription, user_facing_tasks
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ DEFER_FIELDS = ("arguments", "queue", "priority", "schedule_at", "time_zone", "l
 OPTION_TEXT_MAX = 1000  # characters of a text option read before rejecting it
 MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the body limit of the batch route
 AUDITED_BATCH_ITEMS = 50  # items whose options the batch audit entry lists
+_URL_PLACEHOLDER_ID = 918_273_645_546_372_819  # stands for the job id in job_urls
 _UTC = datetime.timezone.utc
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})",
@@ -107,7 +113,7 @@ def parse_schedule(body: dict[str, Any],
     zone = _text_option(body, "time_zone", errors)
     if "schedule_at" in errors or "time_zone" in errors:
         return None
-    if zone is not None and zone not in time_zones():
+    if zone is not None and not is_time_zone(zone):
         errors["time_zone"] = (f"unknown time zone {zone[:60]!r}; use an IANA name "
                                "such as Europe/Paris, or UTC")
         return None
@@ -148,8 +154,14 @@ def _argument_field(description: TaskDescription, name: str) -> str:
     return f"arguments.{name}" if name in names else name
 
 
-def check_item(description: TaskDescription, body: Any) -> job_service.DeferRequest:
-    """Check one defer request body, raising DeferRejected naming each field."""
+def check_item(description: TaskDescription, body: Any,
+               settings: Settings | None = None,
+               queues: Sequence[str] | None = None) -> job_service.DeferRequest:
+    """Check one defer request body, raising DeferRejected naming each field.
+
+    A batch passes the panel's ``settings`` and the task's queue choices, computed
+    once for all of its items.
+    """
     if not isinstance(body, dict):
         raise job_service.DeferRejected(
             {"": f"must be a JSON object, not a {json_type(body)}"})
@@ -186,7 +198,7 @@ def check_item(description: TaskDescription, body: Any) -> job_service.DeferRequ
         return job_service.validate_defer(
             description.name, arguments, queue=queue, priority=priority,
             schedule_at=schedule_at, lock=lock, queueing_lock=queueing_lock,
-            field_errors=errors)
+            field_errors=errors, settings=settings, queues=queues)
     except job_service.DeferRejected as exc:
         raise job_service.DeferRejected({
             _argument_field(description, name): message
@@ -248,13 +260,15 @@ def _read_batch(description: TaskDescription,
         raise ApiError(400, "the batch is invalid; nothing was deferred", errors,
                        invalid_items=[])
     assert isinstance(items, list)
+    settings: Settings = current_app.config["FLEET_SETTINGS"]
+    queues = job_service.queue_choices(description, settings)
     checked: list[job_service.DeferRequest] = []
     invalid: list[int] = []
     holders: dict[str, int] = {}
     for index, item in enumerate(items):
         prefix = f"jobs[{index}]"
         try:
-            checked_item = check_item(description, item)
+            checked_item = check_item(description, item, settings, queues)
         except job_service.DeferRejected as exc:
             invalid.append(index)
             for name, message in exc.field_errors.items():
@@ -292,8 +306,45 @@ def _busy_locks(conn: Any,
     return busy
 
 
-def defer_batch(batch: list[job_service.DeferRequest]) -> list[int]:
-    """Insert checked requests in one transaction; raise ApiError 409 on busy locks."""
+def _new_jobs(app: procrastinate.App,
+              batch: list[job_service.DeferRequest]) -> list[procrastinate.jobs.Job]:
+    # Items of a batch mostly share their options, so one deferrer serves every
+    # item with the same task and options.
+    deferrers: dict[tuple[Any, ...], procrastinate.jobs.JobDeferrer] = {}
+    jobs = []
+    for item in batch:
+        options = (item.task_name, item.queue, item.priority, item.schedule_at,
+                   item.lock, item.queueing_lock)
+        deferrer = deferrers.get(options)
+        if deferrer is None:
+            deferrer = app.tasks[item.task_name].configure(
+                queue=item.queue, priority=item.priority,
+                schedule_at=item.schedule_at, lock=item.lock,
+                queueing_lock=item.queueing_lock,
+            )
+            deferrers[options] = deferrer
+        jobs.append(deferrer.make_new_job(**item.arguments))
+    return jobs
+
+
+def job_urls(job_ids: list[int]) -> list[str]:
+    """Return the API URL of each job, calling url_for twice whatever the count."""
+    if not job_ids:
+        return []
+    # Build the URL around a placeholder id whose digits appear nowhere else in it.
+    head, found, tail = url_for("api.get_job", job_id=_URL_PLACEHOLDER_ID).partition(
+        str(_URL_PLACEHOLDER_ID))
+    first = url_for("api.get_job", job_id=job_ids[0])
+    if not found or f"{head}{job_ids[0]}{tail}" != first:
+        return [url_for("api.get_job", job_id=job_id) for job_id in job_ids]
+    return [f"{head}{job_id}{tail}" for job_id in job_ids]
+
+
+def defer_batch(task: str, batch: list[job_service.DeferRequest]) -> list[int]:
+    """Insert checked requests and their audit entry in one transaction.
+
+    Raises ApiError 409, deferring nothing, when a queueing lock is busy.
+    """
     app = db.procrastinate_app()
     with db.connection() as conn:
         busy = _busy_locks(conn, batch)
@@ -305,24 +356,19 @@ def defer_batch(batch: list[job_service.DeferRequest]) -> list[int]:
                                 f"{', '.join(sorted(busy))} is already held by a "
                                 "queued or running job", fields,
                            queueing_locks=sorted(busy))
-        jobs = [
-            app.tasks[item.task_name].configure(
-                queue=item.queue, priority=item.priority,
-                schedule_at=item.schedule_at, lock=item.lock,
-                queueing_lock=item.queueing_lock,
-            ).make_new_job(**item.arguments)
-            for item in batch
-        ]
+        jobs = _new_jobs(app, batch)
         try:
             created = app.job_manager.batch_defer_jobs(jobs=jobs, connection=conn)
         except procrastinate.exceptions.AlreadyEnqueued as exc:
             raise ApiError(409, f"nothing was deferred: {exc}",
                            queueing_locks=[]) from None
-    return [int(job.id) for job in created if job.id is not None]
+        job_ids = [int(job.id) for job in created if job.id is not None]
+        _audit_batch(task, batch, job_ids, conn)
+    return job_ids
 
 
 def _audit_batch(task: str, batch: list[job_service.DeferRequest],
-                 job_ids: list[int]) -> None:
+                 job_ids: list[int], conn: psycopg.Connection[Any]) -> None:
     keys = job_service.redacted_keys()
     shown = [
         {**{field.name: getattr(item, field.name)
@@ -335,7 +381,8 @@ def _audit_batch(task: str, batch: list[job_service.DeferRequest],
     audit.record("jobs_deferred_batch", f"ok: deferred {len(job_ids)} jobs of {task}",
                  job_ids, {"task": task, "count": len(job_ids),
                            "queues": sorted({item.queue for item in batch}),
-                           "items_shown": len(shown), "items": shown})
+                           "items_shown": len(shown), "items": shown},
+                 connection=conn)
 
 
 @bp.route("/tasks/<task>/jobs/batch", methods=["POST"])
@@ -345,8 +392,7 @@ def defer_jobs_batch(task: str) -> Response:
     description = task_or_404(task)
     body = read_json_object(max_bytes=MAX_BATCH_BODY_BYTES)
     batch = _read_batch(description, body)
-    job_ids = defer_batch(batch)
-    _audit_batch(description.name, batch, job_ids)
+    job_ids = defer_batch(description.name, batch)
     logger.info("Deferred a batch of %d jobs of %s", len(job_ids), description.name,
                 extra={"action": "jobs_deferred_batch", "task": description.name,
                        "count": len(job_ids)})
@@ -354,5 +400,5 @@ def defer_jobs_batch(task: str) -> Response:
         "task": description.name,
         "count": len(job_ids),
         "job_ids": job_ids,
-        "urls": [url_for("api.get_job", job_id=job_id) for job_id in job_ids],
+        "urls": job_urls(job_ids),
     }, 201)

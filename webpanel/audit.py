@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from flask import Blueprint, render_template, request
 from psycopg.types.json import Jsonb
 from werkzeug.datastructures import MultiDict
@@ -32,15 +33,22 @@ def record(
     result: str,
     job_ids: Sequence[int] = (),
     details: dict[str, Any] | None = None,
+    connection: psycopg.Connection[Any] | None = None,
 ) -> None:
-    """Store one operator action and log it; ``action`` is a snake_case verb."""
+    """Store one operator action and log it; ``action`` is a snake_case verb.
+
+    With ``connection`` the row joins that connection's transaction and is kept
+    only if the caller commits it, although the log line is written at once.
+    Without ``connection`` the row commits before the log line is written.
+    """
     user = current_user()
     username = user.username if user else "anonymous"
-    db.execute(
-        query("audit", "insert_entry"),
-        {"username": username, "action": action, "job_ids": list(job_ids),
-         "details": Jsonb(details or {}), "result": result[:2000]},
-    )
+    params = {"username": username, "action": action, "job_ids": list(job_ids),
+              "details": Jsonb(details or {}), "result": result[:2000]}
+    if connection is None:
+        db.execute(query("audit", "insert_entry"), params)
+    else:
+        connection.execute(query("audit", "insert_entry"), params)
     level = logging.ERROR if result.startswith("failed") else logging.INFO
     logger.log(level, "%s by %s on %d jobs: %s", action, username, len(job_ids),
                result, extra={"action": action, "username": username,

@@ -5,6 +5,10 @@ gunicorn master, so a forked worker never shares sockets or pool threads with it
 parent (``--preload`` included). Every connection carries a statement timeout equal
 to WEB_REQUEST_BUDGET, and waiting for a pooled connection has the same budget, so a
 slow database turns into a readable 503 page well before gunicorn's worker timeout.
+
+``fetch_one``, ``fetch_all`` and ``execute`` run their single statement in autocommit
+mode, so PostgreSQL runs it as its own transaction without a BEGIN and a COMMIT.
+``connection`` lends a connection in one transaction, for work of several statements.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +27,7 @@ import procrastinate
 import psycopg
 import psycopg_pool
 from flask import current_app
+from psycopg import pq
 from psycopg.rows import dict_row
 
 from workers.app import build_app
@@ -54,6 +62,63 @@ def _settings() -> Settings:
     return current_app.config["FLEET_SETTINGS"]
 
 
+# Seconds since a pooled connection was last handed out within which it is handed
+# out again without a round trip to the server, provided its socket is quiet.
+RECENT_USE_SECONDS = 2.0
+
+
+class RecentUseCheck:
+    """Pool ``check`` callback that skips the round trip for a recently used connection.
+
+    The pool calls it on every checkout. The full check (an empty query, which
+    raises on a dead connection so that the pool replaces it) runs when the
+    connection was not handed out in the last ``recent_use_seconds``, is not idle,
+    or has bytes waiting on its socket. An idle connection of the panel receives
+    nothing unsolicited, because the panel never LISTENs. When the server ends a
+    connection (shutdown, restart, ``pg_terminate_backend``), it sends an error and
+    closes the socket, so the full check runs and fails.
+    """
+
+    def __init__(self, recent_use_seconds: float = RECENT_USE_SECONDS) -> None:
+        self.recent_use_seconds = recent_use_seconds
+        self._lock = threading.Lock()
+        self._handed_out_at: weakref.WeakKeyDictionary[
+            psycopg.Connection[Any], float
+        ] = weakref.WeakKeyDictionary()
+
+    def needs_round_trip(self, conn: psycopg.Connection[Any]) -> bool:
+        """Return whether ``conn`` must pass the full check before it is handed out."""
+        with self._lock:
+            last = self._handed_out_at.get(conn)
+        if last is None or time.monotonic() - last > self.recent_use_seconds:
+            return True
+        if conn.closed or conn.broken:
+            return True
+        if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            return True
+        # NOTE: a peer that vanished without closing the TCP connection (a host
+        # powered off, a dropped network path) leaves the socket quiet, so a
+        # connection used within the window passes. Its next query then waits
+        # until TCP gives up, as the empty query of the full check would.
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+        if self.needs_round_trip(conn):
+            psycopg_pool.ConnectionPool.check_connection(conn)
+        with self._lock:
+            self._handed_out_at[conn] = time.monotonic()
+
+
+def _leave_autocommit(conn: psycopg.Connection[Any]) -> None:
+    # Runs when the pool takes a connection back (its ``reset`` callback), so a
+    # connection lent in autocommit mode never reaches a caller that expects a
+    # transaction. When this raises, the pool closes the connection.
+    if conn.autocommit:
+        conn.autocommit = False
+
+
 def _open(settings: Settings) -> None:
     budget_ms = int(settings.web_request_budget * 1000)
     pool = psycopg_pool.ConnectionPool(
@@ -70,7 +135,8 @@ def _open(settings: Settings) -> None:
                         f"-c lock_timeout={budget_ms} -c jit=off"),
         },
         open=False,
-        check=psycopg_pool.ConnectionPool.check_connection,
+        check=RecentUseCheck(),
+        reset=_leave_autocommit,
         name=f"web-{os.getpid()}",
     )
     pool.open(wait=False)
@@ -122,13 +188,21 @@ def _translate(exc: Exception) -> DatabaseUnavailable:
 
 
 @contextlib.contextmanager
-def connection() -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    """Lend a pooled connection returning dict rows, in one transaction."""
+def connection(
+    autocommit: bool = False,
+) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """Lend a pooled connection returning dict rows, in one transaction.
+
+    With ``autocommit`` every statement commits on its own, with no BEGIN or
+    COMMIT sent: use it only for a single statement.
+    """
     _ensure_open()
     assert _state.pool is not None
     try:
         with _state.pool.connection() as conn:
             conn.row_factory = dict_row  # type: ignore[assignment]
+            if autocommit:
+                conn.autocommit = True
             yield conn  # type: ignore[misc]
     except (psycopg_pool.PoolTimeout, psycopg.OperationalError,
             psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
@@ -136,19 +210,19 @@ def connection() -> Iterator[psycopg.Connection[dict[str, Any]]]:
 
 
 def fetch_all(sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Run a query and return every row as a dict."""
-    with connection() as conn:
+    """Run one statement in autocommit mode and return every row as a dict."""
+    with connection(autocommit=True) as conn:
         return conn.execute(sql, params or {}).fetchall()  # type: ignore[arg-type]
 
 
 def fetch_one(sql: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Run a query and return its first row as a dict, or None."""
-    with connection() as conn:
+    """Run one statement in autocommit mode and return its first row, or None."""
+    with connection(autocommit=True) as conn:
         return conn.execute(sql, params or {}).fetchone()  # type: ignore[arg-type]
 
 
 def execute(sql: str, params: dict[str, Any] | None = None) -> int:
-    """Run a statement and return the number of rows it touched."""
-    with connection() as conn:
+    """Run one statement in autocommit mode and return the number of rows it touched."""
+    with connection(autocommit=True) as conn:
         cursor = conn.execute(sql, params or {})  # type: ignore[arg-type]
         return cursor.rowcount

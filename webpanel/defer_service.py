@@ -4,7 +4,8 @@ Arguments are checked by ``workers.tasks.catalog.validate_arguments``, the rules
 the task itself applies, and the job options (queue, priority, schedule time,
 lock, queueing lock) by ``validate_defer``. ``defer`` then inserts the job through
 Procrastinate's synchronous defer, in a transaction that first makes sure no job
-with the same queueing lock is waiting or running.
+with the same queueing lock is waiting or running and that also inserts the job's
+audit row.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import logging
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import procrastinate.exceptions
@@ -91,6 +92,16 @@ def time_zones() -> tuple[str, ...]:
     """Return the IANA time zone names, UTC first."""
     names = sorted(zoneinfo.available_timezones() - {"UTC"})
     return ("UTC", *names)
+
+
+@functools.cache
+def _time_zone_names() -> frozenset[str]:
+    return frozenset(time_zones())
+
+
+def is_time_zone(name: str) -> bool:
+    """Return whether ``name`` is one of ``time_zones()``."""
+    return name in _time_zone_names()
 
 
 def parse_priority(raw: str | None) -> int:
@@ -188,14 +199,19 @@ def validate_defer(
     lock: str | None = None,
     queueing_lock: str | None = None,
     field_errors: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+    queues: Sequence[str] | None = None,
 ) -> DeferRequest:
     """Check a defer request, raising DeferRejected with every field's problem.
 
     ``field_errors`` carries problems the caller found while parsing its input,
-    such as invalid JSON, so that one response lists them all. Raises UnknownTask
-    for a name that is not a user-facing task.
+    such as invalid JSON, so that one response lists them all. A caller that checks
+    many requests of one task may pass the panel's ``settings`` and the task's
+    ``queue_choices`` once computed. Raises UnknownTask for a name that is not a
+    user-facing task.
     """
-    settings = _settings()
+    if settings is None:
+        settings = _settings()
     description = deferrable_task(task_name)
     errors = dict(field_errors or {})
     raw = {name: value for name, value in arguments.items() if name not in errors}
@@ -210,7 +226,8 @@ def validate_defer(
     except InvalidTaskArguments as exc:
         for name, message in getattr(exc, "field_errors", {"task": str(exc)}).items():
             errors.setdefault(name, message)
-    queues = queue_choices(description, settings)
+    if queues is None:
+        queues = queue_choices(description, settings)
     chosen_queue = queue or description.queue
     if chosen_queue not in queues:
         errors["queue"] = (f"{chosen_queue[:60]!r} is not a known queue; expected one "
@@ -254,10 +271,23 @@ def _busy_message(key: str) -> str:
 def defer(request: DeferRequest) -> int:
     """Defer a checked request, returning the job id; audited as job_deferred.
 
-    Raises DeferRejected on ``queueing_lock`` when a job with the same queueing lock
-    is waiting or running.
+    The job and its audit entry are written in one transaction: a defer that
+    fails leaves no audit entry, and an audit INSERT that fails rolls the job
+    back. Raises DeferRejected on ``queueing_lock`` when a job with the same
+    queueing lock is waiting or running.
     """
     task = db.procrastinate_app().tasks[request.task_name]
+    details = {
+        "task": request.task_name,
+        "queue": request.queue,
+        "priority": request.priority,
+        "schedule_at": request.schedule_at.isoformat() if request.schedule_at
+        else None,
+        "lock": request.lock,
+        "queueing_lock": request.queueing_lock,
+        "arguments": redact(request.arguments,
+                            _settings().redacted_argument_keys),
+    }
     with db.connection() as conn:
         if request.queueing_lock is not None:
             key = {"queueing_lock": request.queueing_lock}
@@ -276,17 +306,7 @@ def defer(request: DeferRequest) -> int:
         except procrastinate.exceptions.AlreadyEnqueued:
             raise DeferRejected({"queueing_lock": _busy_message(
                 request.queueing_lock or "")}) from None
-    audit.record("job_deferred", "ok", [job_id], {
-        "task": request.task_name,
-        "queue": request.queue,
-        "priority": request.priority,
-        "schedule_at": request.schedule_at.isoformat() if request.schedule_at
-        else None,
-        "lock": request.lock,
-        "queueing_lock": request.queueing_lock,
-        "arguments": redact(request.arguments,
-                            _settings().redacted_argument_keys),
-    })
+        audit.record("job_deferred", "ok", [job_id], details, connection=conn)
     logger.info("Deferred job %s of %s on %s", job_id, request.task_name,
                 request.queue, extra={"action": "job_deferred_from_panel",
                                       "job_id": job_id, "task": request.task_name})

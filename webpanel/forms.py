@@ -11,6 +11,7 @@ carry no token field of their own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from typing import Any
@@ -23,6 +24,7 @@ from webpanel.defer_service import (
     LOCK_MAX_LENGTH,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    is_time_zone,
     parse_local_time,
     parse_priority,
     time_zones,
@@ -87,21 +89,35 @@ def _argument_field(argument: Argument) -> Field:
                        description=description, render_kw=render_kw)
 
 
-def defer_form(description: TaskDescription, queues: list[str],
-               formdata: Any = None) -> DeferOptions:
-    """Build the defer form of a task, bound to ``formdata`` when given."""
+@functools.cache
+def time_zone_choices() -> tuple[SelectChoice, ...]:
+    """Return the options of the time zone field, built once per process.
+
+    Every form shares these objects, which WTForms only reads.
+    """
+    return tuple(SelectChoice(value=name) for name in time_zones())
+
+
+@functools.cache
+def _form_class(description: TaskDescription) -> type[DeferOptions]:
+    # One class per task, built on first use like a module-level form class.
     attributes: dict[str, Any] = {}
     for argument in description.arguments:
         if argument.name in OPTION_FIELDS:
             raise ValueError(f"argument {argument.name!r} of {description.name} "
                              "clashes with a job option field; rename it")
         attributes[argument.name] = _argument_field(argument)
-    form_class = type(f"Defer_{description.name}", (DeferOptions,), attributes)
-    form = form_class(formdata=formdata)
+    return type(f"Defer_{description.name}", (DeferOptions,), attributes)
+
+
+def defer_form(description: TaskDescription, queues: list[str],
+               formdata: Any = None) -> DeferOptions:
+    """Build the defer form of a task, bound to ``formdata`` when given."""
+    form = _form_class(description)(formdata=formdata)
     form.queue.choices = [SelectChoice(value=queue) for queue in queues]
     if formdata is None:
         form.queue.data = description.queue
-    form.timezone.choices = [SelectChoice(value=name) for name in time_zones()]
+    form.timezone.choices = time_zone_choices()
     form.arguments_fields = [form[argument.name]
                              for argument in description.arguments]
     return form
@@ -161,7 +177,7 @@ def parse_form(description: TaskDescription, form: DeferOptions) -> ParsedDefer:
         errors["priority"] = str(exc)
     schedule_text = (form.schedule_at.data or "").strip()
     zone = form.timezone.data or "UTC"
-    if zone not in time_zones():
+    if not is_time_zone(zone):
         errors["timezone"] = f"unknown time zone {zone[:60]!r}; pick one from the list"
     elif schedule_text:
         try:
