@@ -41,14 +41,31 @@ def record(
     only if the caller commits it, although the log line is written at once.
     Without ``connection`` the row commits before the log line is written.
     """
-    user = current_user()
-    username = user.username if user else "anonymous"
-    params = {"username": username, "action": action, "job_ids": list(job_ids),
-              "details": Jsonb(details or {}), "result": result[:2000]}
+    params = entry_parameters(action, result, job_ids, details)
     if connection is None:
         db.execute(query("audit", "insert_entry"), params)
     else:
         connection.execute(query("audit", "insert_entry"), params)
+    log_entry(action, result, job_ids)
+
+
+def entry_parameters(
+    action: str,
+    result: str,
+    job_ids: Sequence[int] = (),
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return the parameters of the insert_entry query for the current user."""
+    user = current_user()
+    return {"username": user.username if user else "anonymous", "action": action,
+            "job_ids": list(job_ids), "details": Jsonb(details or {}),
+            "result": result[:2000]}
+
+
+def log_entry(action: str, result: str, job_ids: Sequence[int] = ()) -> None:
+    """Log a stored action: at ERROR when it failed, else at INFO."""
+    user = current_user()
+    username = user.username if user else "anonymous"
     level = logging.ERROR if result.startswith("failed") else logging.INFO
     logger.log(level, "%s by %s on %d jobs: %s", action, username, len(job_ids),
                result, extra={"action": action, "username": username,

@@ -21,6 +21,7 @@ from typing import Any
 
 import procrastinate.exceptions
 from flask import current_app
+from psycopg.types.json import Jsonb
 
 from webpanel import audit, db
 from webpanel.job_timeline import redact
@@ -268,6 +269,28 @@ def _busy_message(key: str) -> str:
     return f"a job with queueing lock {key} is already queued or running"
 
 
+def _defer_in_one_statement(request: DeferRequest, details: dict[str, Any]) -> int:
+    """Defer a job without a queueing lock and audit it, in one statement."""
+    params = audit.entry_parameters("job_deferred", "ok", (), details)
+    params.update(
+        queue=request.queue, task_name=request.task_name, priority=request.priority,
+        lock=request.lock, args=Jsonb(request.arguments),
+        scheduled_at=request.schedule_at,
+    )
+    row = db.fetch_one(query("audit", "defer_with_entry"), params)
+    assert row is not None
+    job_id = int(row["id"])
+    audit.log_entry("job_deferred", "ok", [job_id])
+    _log_deferred(job_id, request)
+    return job_id
+
+
+def _log_deferred(job_id: int, request: DeferRequest) -> None:
+    logger.info("Deferred job %s of %s on %s", job_id, request.task_name,
+                request.queue, extra={"action": "job_deferred_from_panel",
+                                      "job_id": job_id, "task": request.task_name})
+
+
 def defer(request: DeferRequest) -> int:
     """Defer a checked request, returning the job id; audited as job_deferred.
 
@@ -288,6 +311,8 @@ def defer(request: DeferRequest) -> int:
         "arguments": redact(request.arguments,
                             _settings().redacted_argument_keys),
     }
+    if request.queueing_lock is None:
+        return _defer_in_one_statement(request, details)
     with db.connection() as conn:
         if request.queueing_lock is not None:
             key = {"queueing_lock": request.queueing_lock}
@@ -307,7 +332,5 @@ def defer(request: DeferRequest) -> int:
             raise DeferRejected({"queueing_lock": _busy_message(
                 request.queueing_lock or "")}) from None
         audit.record("job_deferred", "ok", [job_id], details, connection=conn)
-    logger.info("Deferred job %s of %s on %s", job_id, request.task_name,
-                request.queue, extra={"action": "job_deferred_from_panel",
-                                      "job_id": job_id, "task": request.task_name})
+    _log_deferred(job_id, request)
     return job_id

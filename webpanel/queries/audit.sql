@@ -3,6 +3,21 @@
 INSERT INTO audit_log (username, action, job_ids, details, result)
 VALUES (%(username)s, %(action)s, %(job_ids)s, %(details)s, %(result)s)
 
+-- name: defer_with_entry
+-- Defer one job and store its job_deferred entry in one statement, so both are
+-- written or neither, with no BEGIN and COMMIT around them. The job goes in
+-- through Procrastinate's own function, as App.defer would insert it.
+WITH job AS (
+    SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(
+        %(queue)s, %(task_name)s, %(priority)s, %(lock)s, NULL, %(args)s,
+        %(scheduled_at)s)::procrastinate_job_to_defer_v1])) AS id
+), entry AS (
+    INSERT INTO audit_log (username, action, job_ids, details, result)
+    SELECT %(username)s, %(action)s, ARRAY[job.id], %(details)s, %(result)s
+      FROM job
+)
+SELECT id FROM job
+
 -- name: page_older
 -- Up to %(limit)s entries matching the filters with ids below %(before)s (all
 -- when NULL), newest first. Each NULL filter is folded away when the statement
