@@ -43,6 +43,12 @@ CREATE OR REPLACE FUNCTION pg_temp.bench_epoch(id bigint)
     RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
     SELECT %(origin)s::float8 + (id - 1) * %(step)s::float8
 $$;
+CREATE OR REPLACE FUNCTION pg_temp.bench_run(queue text, id bigint, k integer)
+    RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN queue = 'maintenance'
+                THEN 0.01 + pg_temp.bench_u(id, 21 + k) * 0.2
+                ELSE 0.05 + pg_temp.bench_u(id, 21 + k) * 2.0 END
+$$;
 """
 
 # Columns: id, task, queue, status, attempts. Status and attempts follow the age.
@@ -137,26 +143,34 @@ FROM (
 
 # One row per attempt k of every job that started at least once, with the times
 # that events and job_attempts share: attempt k starts after the queue wait plus
-# the earlier attempts' run and backoff time.
+# the earlier attempts' run and backoff time. The job is due at its defer or
+# scheduled time for attempt 1 and at the end of attempt k - 1 (its
+# deferred_for_retry event) for later ones, which gives each attempt's wait_ms.
 ATTEMPT_TIMES = """
 CREATE TEMP TABLE bench_attempts AS
 SELECT j.id AS job_id, k AS attempt, j.status::text AS status, j.task_name,
        j.queue_name, j.attempts, j.scheduled_at,
        to_timestamp(least(started, %(now)s)) AS started_at,
        to_timestamp(least(started + run, %(now)s)) AS ended_at,
-       run
+       run,
+       greatest(least(started, %(now)s) - least(due, %(now)s), 0) * 1000 AS wait_ms
 FROM procrastinate_jobs j
 CROSS JOIN LATERAL generate_series(
     1, j.attempts + CASE WHEN j.status = 'doing' THEN 1 ELSE 0 END) AS k
 CROSS JOIN LATERAL (
     SELECT CASE WHEN j.scheduled_at IS NOT NULL AND j.status <> 'todo'
                 THEN extract(epoch FROM j.scheduled_at)::float8
-                ELSE pg_temp.bench_epoch(j.id) END
-           + 0.004 + pg_temp.bench_u(j.id, 20) * 0.4
-           + (k - 1) * (2.5 + 2::float8 ^ k) AS started,
-           CASE WHEN j.queue_name = 'maintenance'
-                THEN 0.01 + pg_temp.bench_u(j.id, 21 + k) * 0.2
-                ELSE 0.05 + pg_temp.bench_u(j.id, 21 + k) * 2.0 END AS run
+                ELSE pg_temp.bench_epoch(j.id) END AS due_first,
+           0.004 + pg_temp.bench_u(j.id, 20) * 0.4 AS first_wait
+) base
+CROSS JOIN LATERAL (
+    SELECT base.due_first + base.first_wait + (k - 1) * (2.5 + 2::float8 ^ k)
+               AS started,
+           pg_temp.bench_run(j.queue_name, j.id, k) AS run,
+           CASE WHEN k = 1 THEN base.due_first
+                ELSE base.due_first + base.first_wait
+                     + (k - 2) * (2.5 + 2::float8 ^ (k - 1))
+                     + pg_temp.bench_run(j.queue_name, j.id, k - 1) END AS due
 ) times
 """
 
@@ -202,7 +216,7 @@ ATTEMPTS = """
 INSERT INTO job_attempts (
     job_id, attempt, task_name, queue_name, started_at, ended_at, duration_ms,
     host, pid, process_name, worker_id, outcome, error_type, error_message,
-    traceback, http_status, retry_after, next_attempt_at)
+    traceback, http_status, retry_after, next_attempt_at, wait_ms)
 SELECT job_id, attempt, task_name, queue_name, started_at, ended_at,
        run * 1000, 'bench-host', 1000 + job_id %% 4, 'worker:worker_0' || job_id %% 2,
        NULL, outcome,
@@ -227,7 +241,8 @@ SELECT job_id, attempt, task_name, queue_name, started_at, ended_at,
             WHEN outcome = 'succeeded' AND queue_name <> 'maintenance' THEN 200 END,
        NULL,
        CASE WHEN outcome = 'error'
-            THEN ended_at + 2::float8 ^ attempt * interval '1 second' END
+            THEN ended_at + 2::float8 ^ attempt * interval '1 second' END,
+       wait_ms
 FROM (
     SELECT a.*,
            CASE WHEN a.attempt < a.attempts OR a.status = 'todo' THEN 'error'

@@ -105,8 +105,7 @@ def load(chart_range: ChartRange) -> ChartData:
         assert window is not None
         params["since"] = window["since"]
         throughput = conn.execute(query("charts", "throughput"), params).fetchall()
-        run_time = conn.execute(query("charts", "run_time"), params).fetchall()
-        wait_time = conn.execute(query("charts", "wait_time"), params).fetchall()
+        latency = conn.execute(query("charts", "latency"), params).fetchall()
 
     first = int(window["since"].timestamp())
     keys = [first + i * chart_range.bucket for i in range(chart_range.buckets)]
@@ -124,15 +123,18 @@ def load(chart_range: ChartRange) -> ChartData:
         if (i := by_key.get(int(row["bucket"]))) is not None:
             data.succeeded[i] = row["succeeded"]
             data.failed[i] = row["failed"]
-    for row in run_time:
+    for row in latency:
         if (i := by_key.get(int(row["bucket"]))) is not None:
-            data.run_p50[i] = float(row["p50_s"])
-            data.run_p95[i] = float(row["p95_s"])
-    for row in wait_time:
-        if (i := by_key.get(int(row["bucket"]))) is not None:
-            data.wait_p50[i] = float(row["p50_s"])
-            data.wait_p95[i] = float(row["p95_s"])
+            data.run_p50[i] = _seconds(row["run_p50_s"])
+            data.run_p95[i] = _seconds(row["run_p95_s"])
+            data.wait_p50[i] = _seconds(row["wait_p50_s"])
+            data.wait_p95[i] = _seconds(row["wait_p95_s"])
     return data
+
+
+def _seconds(value: Any) -> float | None:
+    """Return a percentile as a float, or None when no attempt of the bucket had one."""
+    return None if value is None else float(value)
 
 
 def nice_step(maximum: float, ticks: int = Y_TICKS) -> float:

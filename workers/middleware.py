@@ -42,16 +42,26 @@ logger = logging.getLogger(__name__)
 TRACEBACK_MAX_CHARS = 8000  # the end of a longer traceback is kept
 MESSAGE_MAX_CHARS = 2000
 
+# wait_ms runs from the job's latest due event (deferred, given back for a retry,
+# retried by hand, or its scheduled time) to this attempt's started event. Both
+# times come from the database clock, and the lookups use the events' job_id index.
 RECORD_ATTEMPT = """
 INSERT INTO job_attempts (
     job_id, attempt, task_name, queue_name, started_at, ended_at, duration_ms,
     host, pid, process_name, worker_id, outcome, error_type, error_message,
-    traceback, http_status, retry_after, next_attempt_at
+    traceback, http_status, retry_after, next_attempt_at, wait_ms
 ) VALUES (
     %(job_id)s, %(attempt)s, %(task_name)s, %(queue_name)s, %(started_at)s,
     %(ended_at)s, %(duration_ms)s, %(host)s, %(pid)s, %(process_name)s,
     %(worker_id)s, %(outcome)s, %(error_type)s, %(error_message)s, %(traceback)s,
-    %(http_status)s, %(retry_after)s, %(next_attempt_at)s
+    %(http_status)s, %(retry_after)s, %(next_attempt_at)s,
+    (SELECT greatest(extract(epoch FROM started.at - max(due.at)) * 1000, 0)
+       FROM (SELECT max(at) AS at FROM procrastinate_events
+              WHERE job_id = %(job_id)s AND type = 'started') AS started
+       JOIN procrastinate_events due
+         ON due.job_id = %(job_id)s AND due.at <= started.at
+        AND due.type IN ('deferred', 'deferred_for_retry', 'retried', 'scheduled')
+      GROUP BY started.at)
 )
 """
 

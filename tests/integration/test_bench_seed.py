@@ -74,6 +74,32 @@ def test_seed_records_one_attempt_row_per_attempt(seeded: str) -> None:
     assert mismatches == 0
 
 
+def test_seed_attempt_waits_match_events(seeded: str) -> None:
+    # The wait the worker would store: from the latest due event before the start.
+    mismatches = _one(seeded, """
+        SELECT count(*) FROM job_attempts a
+         WHERE coalesce(abs(a.wait_ms - (
+                   SELECT greatest(extract(epoch FROM a.started_at - max(e.at)), 0)
+                          * 1000
+                     FROM procrastinate_events e
+                    WHERE e.job_id = a.job_id AND e.at <= a.started_at
+                      AND e.type IN ('deferred', 'deferred_for_retry', 'retried',
+                                     'scheduled'))) > 0.01, true)""")
+    assert mismatches == 0
+
+
+def test_seed_attempt_waits_follow_backoff(seeded: str) -> None:
+    rows = _rows(seeded, """
+        SELECT attempt = 1 AS first, min(wait_ms), max(wait_ms) FROM job_attempts
+         GROUP BY 1 ORDER BY 1 DESC""")
+    first, later = rows
+    assert first[0] is True
+    assert first[1] >= 4
+    assert first[2] <= 404
+    assert later[0] is False
+    assert later[1] > 4000
+
+
 def test_seed_event_ids_follow_time_within_each_job(seeded: str) -> None:
     out_of_order = _one(seeded, """
         SELECT count(*) FROM (

@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from psycopg.rows import dict_row
 
 from webpanel import charts
+from workers.middleware import RECORD_ATTEMPT
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -130,6 +131,99 @@ def test_load_waiting_time_counts_from_schedule(
 
     waits = [value for value in data.wait_p50 if value is not None]
     assert waits == [pytest.approx(20.0, abs=0.01)]
+
+
+def test_load_wait_prefers_stored_value(
+    panel: Flask, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    job = finished_job(sql, minutes_ago=3, wait_s=600, run_s=1)
+    sql.execute("UPDATE job_attempts SET wait_ms = 7000 WHERE job_id = %s", (job,))
+
+    with panel.test_request_context():
+        data = charts.load(charts.RANGES["hour"])
+
+    waits = [value for value in data.wait_p50 if value is not None]
+    assert waits == [pytest.approx(7.0, abs=0.01)]
+
+
+def test_load_wait_mixes_stored_and_computed(
+    panel: Flask, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    stored = finished_job(sql, minutes_ago=3, wait_s=600, run_s=1)
+    finished_job(sql, minutes_ago=3, wait_s=4, run_s=1)
+    sql.execute("UPDATE job_attempts SET wait_ms = 2000 WHERE job_id = %s",
+                (stored,))
+
+    with panel.test_request_context():
+        data = charts.load(charts.RANGES["hour"])
+
+    waits = [value for value in data.wait_p50 if value is not None]
+    assert waits == [pytest.approx(3.0, abs=0.01)]
+
+
+def test_load_lost_attempt_without_run_time(
+    panel: Flask, sql: psycopg.Connection[dict[str, Any]]
+) -> None:
+    job = finished_job(sql, minutes_ago=3, wait_s=6, run_s=1)
+    sql.execute("UPDATE job_attempts SET duration_ms = NULL WHERE job_id = %s",
+                (job,))
+
+    with panel.test_request_context():
+        data = charts.load(charts.RANGES["hour"])
+
+    index = data.succeeded.index(1)
+    assert data.wait_p50[index] == pytest.approx(6.0, abs=0.01)
+    assert data.run_p50[index] is None
+    assert data.run_p95[index] is None
+
+
+def record_attempt(sql: psycopg.Connection[dict[str, Any]], job_id: int) -> float:
+    """Write an attempt row with the worker's INSERT and return its wait_ms."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    row = {
+        "job_id": job_id, "attempt": 9, "task_name": "fetch_joke",
+        "queue_name": "default", "started_at": now, "ended_at": now,
+        "duration_ms": 1.0, "host": "h", "pid": 1, "process_name": "worker",
+        "worker_id": None, "outcome": "succeeded", "error_type": None,
+        "error_message": None, "traceback": None, "http_status": None,
+        "retry_after": None, "next_attempt_at": None,
+    }
+    sql.execute(RECORD_ATTEMPT, row)
+    stored = sql.execute(
+        "SELECT wait_ms FROM job_attempts WHERE job_id = %s AND attempt = 9",
+        (job_id,)).fetchone()
+    assert stored is not None
+    return float(stored["wait_ms"])
+
+
+def test_attempt_insert_wait_from_schedule(
+    sql: psycopg.Connection[dict[str, Any]],
+) -> None:
+    job = finished_job(sql, minutes_ago=3, wait_s=600, run_s=1)
+    sql.execute(
+        "INSERT INTO procrastinate_events (job_id, type, at) SELECT job_id, "
+        "'scheduled', at - interval '20 seconds' FROM procrastinate_events "
+        "WHERE job_id = %s AND type = 'started'", (job,))
+
+    assert record_attempt(sql, job) == pytest.approx(20_000, abs=1)
+
+
+def test_attempt_insert_wait_of_latest_start(
+    sql: psycopg.Connection[dict[str, Any]],
+) -> None:
+    job = finished_job(sql, minutes_ago=3, wait_s=600, run_s=1)
+    # A second attempt: given back for a retry at the first one's end and
+    # started 5 s later. A due event after that start does not count.
+    sql.execute(
+        "INSERT INTO procrastinate_events (job_id, type, at) "
+        "SELECT e.job_id, t.type::procrastinate_job_event_type, e.at + t.delay "
+        "FROM procrastinate_events e, (VALUES "
+        "('deferred_for_retry', interval '0 seconds'), "
+        "('started', interval '5 seconds'), "
+        "('scheduled', interval '60 seconds')) AS t(type, delay) "
+        "WHERE e.job_id = %s AND e.type = 'succeeded'", (job,))
+
+    assert record_attempt(sql, job) == pytest.approx(5_000, abs=1)
 
 
 def test_empty_window_is_empty(panel: Flask) -> None:

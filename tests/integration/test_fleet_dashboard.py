@@ -82,7 +82,7 @@ def test_job_counts_without_statistics_give_lower_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(dashboard, "COUNT_CAP", 4)
-    monkeypatch.setattr(dashboard, "_estimate", lambda queue, status: None)
+    monkeypatch.setattr(dashboard, "_estimates", lambda pairs: {})
     add_jobs(sql, "default", "failed", 9)
 
     with panel.test_request_context():
@@ -90,6 +90,57 @@ def test_job_counts_without_statistics_give_lower_bound(
 
     assert counts["default"]["failed"] == dashboard.Count(4, "at_least")
     assert str(counts["default"]["failed"]) == "4 or more"
+
+
+def test_job_counts_estimate_each_capped_pair(
+    panel: Flask,
+    sql: psycopg.Connection[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard, "COUNT_CAP", 50)
+    add_jobs(sql, "default", "succeeded", 900)
+    add_jobs(sql, "default", "failed", 300)
+    add_jobs(sql, "reports", "succeeded", 150)
+    add_jobs(sql, "reports", "todo", 7)
+    sql.execute("ANALYZE procrastinate_jobs")
+
+    with panel.test_request_context():
+        counts = dashboard.job_counts(["default", "reports"])
+
+    # ANALYZE reads every row of a table this small, so the estimates are exact.
+    assert counts["default"]["succeeded"] == dashboard.Count(900, "estimate")
+    assert counts["default"]["failed"] == dashboard.Count(300, "estimate")
+    assert counts["reports"]["succeeded"] == dashboard.Count(150, "estimate")
+    assert counts["reports"]["todo"] == dashboard.Count(7)
+    assert counts["reports"]["failed"] == dashboard.Count(0)
+
+
+def test_estimates_read_in_one_statement(
+    panel: Flask,
+    sql: psycopg.Connection[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard, "COUNT_CAP", 5)
+    add_jobs(sql, "default", "succeeded", 40)
+    add_jobs(sql, "default", "failed", 20)
+    add_jobs(sql, "reports", "cancelled", 30)
+    sql.execute("ANALYZE procrastinate_jobs")
+    statements: list[str] = []
+    fetch_one = dashboard.db.fetch_one
+
+    def counting_fetch_one(text: str, params: Any = None) -> Any:
+        statements.append(text)
+        return fetch_one(text, params)
+
+    monkeypatch.setattr(dashboard.db, "fetch_one", counting_fetch_one)
+
+    with panel.test_request_context():
+        counts = dashboard.job_counts(["default", "reports"])
+
+    explains = [text for text in statements if text.startswith("EXPLAIN")]
+    assert len(explains) == 1
+    assert counts["reports"]["cancelled"] == dashboard.Count(30, "estimate")
+    assert counts["default"]["failed"] == dashboard.Count(20, "estimate")
 
 
 @pytest.mark.parametrize(("left", "right", "kind"), [

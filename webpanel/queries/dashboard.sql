@@ -12,25 +12,33 @@ WITH RECURSIVE queues AS (
 )
 SELECT queue_name FROM queues WHERE queue_name IS NOT NULL
 
--- name: capped_counts
--- Jobs per queue and status, each count stopping at %(cap)s rows, from the index
--- panel_jobs_queue_status_idx; a count equal to the cap means "at least".
-SELECT q.queue_name, s.status::text AS status, c.count
-  FROM unnest(%(queues)s::text[]) AS q(queue_name)
- CROSS JOIN unnest(%(statuses)s::procrastinate_job_status[]) AS s(status)
- CROSS JOIN LATERAL (
-       SELECT count(*)::bigint AS count
-         FROM (SELECT 1 FROM procrastinate_jobs j
-                WHERE j.queue_name = q.queue_name AND j.status = s.status
-                LIMIT %(cap)s) AS capped
- ) AS c
+-- name: capped_count_arm
+-- The jobs of one queue and status, counting at most %(cap)s rows. A count equal
+-- to the cap means "at least". {index} is the pair's position in the list of
+-- pairs. job_counts joins one arm per pair with UNION ALL, so that the planner
+-- plans each pair with its own values and row estimate, and reads a rare pair
+-- through panel_jobs_queue_status_idx. One generic plan for every pair (a LATERAL
+-- over the pairs) could pick a sequential scan that stops after %(cap)s rows.
+-- For a pair with few jobs, that scan reads the whole table.
+SELECT {index} AS pair, count(*)::bigint AS count
+  FROM (SELECT 1 FROM procrastinate_jobs
+         WHERE queue_name = %(queue_{index})s
+           AND status = %(status_{index})s::procrastinate_job_status
+         LIMIT %(cap)s) AS capped
 
--- name: estimate_count
--- The planner's estimate of the jobs in one queue and status, from the table
--- statistics; used only when the capped count reached its cap.
-EXPLAIN (FORMAT JSON)
-SELECT 1 FROM procrastinate_jobs
- WHERE queue_name = %(queue)s AND status = %(status)s::procrastinate_job_status
+-- name: estimate_counts
+-- The planner's estimates of the jobs in several queues and statuses, from the
+-- table statistics and the joint statistics panel_jobs_queue_status_stats, with
+-- no rows read. {arms} is estimate_count_arm once per pair, joined by UNION ALL.
+-- VERBOSE shows each arm's output, the pair's position, next to its estimate.
+EXPLAIN (FORMAT JSON, VERBOSE)
+{arms}
+
+-- name: estimate_count_arm
+-- One pair of estimate_counts. {index} is its position in the list of pairs.
+SELECT {index} AS pair FROM procrastinate_jobs
+ WHERE queue_name = %(queue_{index})s
+   AND status = %(status_{index})s::procrastinate_job_status
 
 -- name: oldest_waiting
 -- Per queue, the job that has waited longest since it became due: the lowest id
