@@ -89,11 +89,13 @@ j.queueing_lock = %(queueing_lock)s
 
 -- name: where_created
 -- Filter: created (deferred) in [created_from, created_before). The id range comes
--- from the (type, at) index on events; the EXISTS makes the bounds exact.
+-- from the (type, at) index on events; the subquery makes the bounds exact. It is
+-- a lookup of one job's events through their job_id index, row by row. An EXISTS
+-- here was planned as a hash join over every deferred event of the range.
 j.id BETWEEN %(created_min_id)s AND %(created_max_id)s
-AND EXISTS (SELECT 1 FROM procrastinate_events e
-             WHERE e.job_id = j.id AND e.type = 'deferred'
-               AND e.at >= %(created_from)s AND e.at < %(created_before)s)
+AND (SELECT min(e.at) FROM procrastinate_events e
+      WHERE e.job_id = j.id AND e.type = 'deferred')
+    <@ tstzrange(%(created_from)s, %(created_before)s)
 
 -- name: where_before
 -- Position: ids below a job id.
