@@ -26,6 +26,9 @@ def create_app(
     check_web_secrets(settings)
 
     app = Flask(__name__)
+    # A path with doubled slashes is not found, rather than redirected with a 308
+    # that a client would follow by posting the form again to another address.
+    app.url_map.merge_slashes = False
     app.config.update(
         FLEET_SETTINGS=settings,
         SECRET_KEY=settings.secret_key,

@@ -98,6 +98,7 @@ def _stored_arguments(app: Flask, job_id: int) -> Any:
                                   "json": "[" * 5000})
 @example(task="call_api", fields={"method": "GET", "path": "/",
                                   "json": '{"a": NaN}'})
+@example(task="/0", fields={})
 def test_fuzz_defer_form(fuzz_panel: Flask,
                          operator_form: tuple[FlaskClient, str],
                          jobs_in_database: Callable[[], int], task: str,
