@@ -2,14 +2,21 @@
 
 `make run` starts it as the `demo_api` program when API_BASE_URL is not set, on the
 default API_BASE_URL (http://127.0.0.1:8001). `GET /jokes/random` returns a joke in
-the shape of api.chucknorris.io's answer; any other path echoes the request as JSON.
+the shape of the api.chucknorris.io response. Two paths let you watch failures and long
+jobs from the panel: `/status/CODE` answers with that HTTP status (for example
+`/status/404` fails a `call_api` job at once, `/status/503` makes it retry), and
+`/slow/SECONDS` answers after that many seconds (at most 600). Any other path
+echoes the request as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import signal
 import sys
+import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +28,9 @@ JOKES = (
     "The scheduler does not sleep; it waits for the next tick.",
     "Idempotency keys exist because the second request always comes.",
 )
+STATUS_PATH = re.compile(r"/status/([1-5][0-9][0-9])")
+SLOW_PATH = re.compile(r"/slow/([0-9]+(?:\.[0-9]+)?)")
+MAX_SLOW_SECONDS = 600.0
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -48,6 +58,14 @@ class DemoHandler(BaseHTTPRequestHandler):
                 "categories": [category] if category else [],
             })
             return
+        status = STATUS_PATH.fullmatch(parts.path)
+        if status:
+            code = int(status.group(1))
+            self._send(code, {"status": code, "path": parts.path})
+            return
+        slow = SLOW_PATH.fullmatch(parts.path)
+        if slow:
+            time.sleep(min(float(slow.group(1)), MAX_SLOW_SECONDS))
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -67,6 +85,10 @@ def main() -> None:
     url = urllib.parse.urlsplit(sys.argv[1])
     server = ThreadingHTTPServer((url.hostname or "127.0.0.1", url.port or 80),
                                  DemoHandler)
+    server.daemon_threads = True
+    # supervisord stops the program with SIGTERM; exit 0 so that it counts as a
+    # clean stop rather than a kill.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"demo_api: listening on {sys.argv[1]}", flush=True)
     server.serve_forever()
 

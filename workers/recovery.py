@@ -63,15 +63,20 @@ SELECT id, procrastinate_finish_job_v1(id, 'failed'::procrastinate_job_status, f
   FROM stalled
 """
 
+# The dead process's host, pid and supervisord name come from its own record,
+# when it wrote one before it died.
 RECORD_LOST_ATTEMPT = """
 INSERT INTO job_attempts (
     job_id, attempt, task_name, queue_name, started_at, ended_at, worker_id,
-    outcome, error_type, error_message
+    host, pid, process_name, outcome, error_type, error_message
 )
 SELECT %(job_id)s, %(attempt)s, %(task_name)s, %(queue_name)s,
        coalesce((SELECT max(at) FROM procrastinate_events
                   WHERE job_id = %(job_id)s AND type = 'started'), now()),
-       now(), %(worker_id)s, 'worker_lost', 'WorkerLost', %(message)s
+       now(), %(worker_id)s, p.host, p.pid, p.process_name,
+       'worker_lost', 'WorkerLost', %(message)s
+  FROM (SELECT 1) AS one
+  LEFT JOIN worker_processes p ON p.worker_id = %(worker_id)s
 """
 
 

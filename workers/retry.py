@@ -185,4 +185,20 @@ def describe_failure(exc: BaseException) -> str:
         return str(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    described = f"{name}: {text}" if text else name
+    target = _request_target(exc)
+    return f"{described} ({target})" if target else described
+
+
+def _request_target(exc: BaseException) -> str:
+    """Return "METHOD scheme://host:port/path" of an httpx error's request, if any."""
+    if not isinstance(exc, httpx.RequestError):
+        return ""
+    try:
+        request = exc.request
+    except RuntimeError:  # raised when no request was attached to the error
+        return ""
+    url = request.url
+    port = f":{url.port}" if url.port is not None else ""
+    # The query and any credentials are left out, because either may carry a secret.
+    return f"{request.method} {url.scheme}://{url.host}{port}{url.path}"

@@ -113,6 +113,8 @@ def test_killed_worker_job_retried(
     (lost,) = attempts(database_url, job_id)
     assert lost["outcome"] == "worker_lost"
     assert lost["worker_id"] == dead_worker
+    assert lost["process_name"] == "worker_00"
+    assert lost["pid"] is not None
 
     with InProcessWorker(settings):
         wait_for_status(database_url, job_id, "succeeded", timeout=10)

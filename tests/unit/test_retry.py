@@ -265,4 +265,8 @@ def test_describe_failure_names_status_and_path() -> None:
         "HTTP 503 from /jokes/random"
     )
     assert describe_failure(httpx.ConnectError("refused")) == "ConnectError: refused"
+    request = httpx.Request("POST", "http://user:pw@127.0.0.1:8001/items/4?token=x")
+    assert describe_failure(httpx.ConnectError("refused", request=request)) == (
+        "ConnectError: refused (POST http://127.0.0.1:8001/items/4)"
+    )
     assert describe_failure(ValueError()) == "ValueError"
