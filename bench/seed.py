@@ -15,8 +15,10 @@ The values come from ``bench_u(id, k)``, a hash of the job id giving a number in
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -34,20 +36,22 @@ CATEGORIES = ("dev", "animal", "food", "science", "sport", "travel", "money",
 # Times are computed as epoch seconds in double precision and converted once with
 # to_timestamp: numeric and interval arithmetic cost several times more per row.
 HELPERS = """
-CREATE OR REPLACE FUNCTION pg_temp.bench_u(id bigint, k integer)
+DROP SCHEMA IF EXISTS bench_seed CASCADE;
+CREATE SCHEMA bench_seed;
+CREATE OR REPLACE FUNCTION bench_seed.bench_u(id bigint, k integer)
     RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
     SELECT ((id * 2654435761 + k * 40503 + (id % 7919) * k * 97) % 1000003)::float8
            / 1000003::float8
 $$;
-CREATE OR REPLACE FUNCTION pg_temp.bench_epoch(id bigint)
+CREATE OR REPLACE FUNCTION bench_seed.bench_epoch(id bigint)
     RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
     SELECT %(origin)s::float8 + (id - 1) * %(step)s::float8
 $$;
-CREATE OR REPLACE FUNCTION pg_temp.bench_run(queue text, id bigint, k integer)
+CREATE OR REPLACE FUNCTION bench_seed.bench_run(queue text, id bigint, k integer)
     RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN queue = 'maintenance'
-                THEN 0.01 + pg_temp.bench_u(id, 21 + k) * 0.2
-                ELSE 0.05 + pg_temp.bench_u(id, 21 + k) * 2.0 END
+                THEN 0.01 + bench_seed.bench_u(id, 21 + k) * 0.2
+                ELSE 0.05 + bench_seed.bench_u(id, 21 + k) * 2.0 END
 $$;
 """
 
@@ -57,15 +61,15 @@ INSERT INTO procrastinate_jobs (
     id, queue_name, task_name, priority, lock, queueing_lock, args, status,
     scheduled_at, attempts, abort_requested, worker_id)
 SELECT id, queue_name, task_name,
-       CASE WHEN pg_temp.bench_u(id, 9) < 0.05 THEN 10 ELSE 0 END,
+       CASE WHEN bench_seed.bench_u(id, 9) < 0.05 THEN 10 ELSE 0 END,
        CASE WHEN with_lock THEN 'customer-' || (id %% 5000) END,
        CASE WHEN with_lock THEN 'customer-' || id END,
        args, status::procrastinate_job_status,
        CASE WHEN status = 'todo' AND attempts > 0
-                THEN to_timestamp(%(now)s + 5 + pg_temp.bench_u(id, 10) * 600)
-            WHEN pg_temp.bench_u(id, 11) < 0.05
-                THEN to_timestamp(least(pg_temp.bench_epoch(id)
-                                        + pg_temp.bench_u(id, 12) * 600,
+                THEN to_timestamp(%(now)s + 5 + bench_seed.bench_u(id, 10) * 600)
+            WHEN bench_seed.bench_u(id, 11) < 0.05
+                THEN to_timestamp(least(bench_seed.bench_epoch(id)
+                                        + bench_seed.bench_u(id, 12) * 600,
                                         %(now)s - 60))
        END,
        attempts, false,
@@ -84,11 +88,11 @@ FROM (
                ELSE 0
            END AS attempts,
            CASE
-               WHEN task_name = 'fetch_joke' AND pg_temp.bench_u(id, 5) < 0.5
+               WHEN task_name = 'fetch_joke' AND bench_seed.bench_u(id, 5) < 0.5
                    THEN '{}'::jsonb
                WHEN task_name = 'fetch_joke' THEN jsonb_build_object(
                    'category', (%(categories)s::text[])[1 + id %% 8])
-               WHEN task_name = 'call_api' AND pg_temp.bench_u(id, 6) < 0.6
+               WHEN task_name = 'call_api' AND bench_seed.bench_u(id, 6) < 0.6
                    THEN jsonb_build_object('method', 'GET',
                                            'path', '/items/' || id %% 50000)
                WHEN task_name = 'call_api' THEN jsonb_build_object(
@@ -98,12 +102,12 @@ FROM (
                        'name', 'item-' || id %% 997, 'quantity', 1 + id %% 12,
                        'tags', jsonb_build_array('bench', 'tag-' || id %% 31)))
                ELSE jsonb_build_object(
-                   'timestamp', floor(pg_temp.bench_epoch(id))::bigint)
+                   'timestamp', floor(bench_seed.bench_epoch(id))::bigint)
            END AS args
     FROM (
         SELECT id, task_name, with_lock,
                CASE WHEN task_name IN ('fetch_joke', 'call_api')
-                    THEN CASE WHEN pg_temp.bench_u(id, 3) < 0.85
+                    THEN CASE WHEN bench_seed.bench_u(id, 3) < 0.85
                               THEN 'api_calls' ELSE 'default' END
                     ELSE 'maintenance' END AS queue_name,
                CASE
@@ -131,9 +135,9 @@ FROM (
                    u_task >= 0.02 AND u_task < 0.04 AS with_lock,
                    u_status, u_attempts
             FROM (
-                SELECT id, pg_temp.bench_u(id, 1) AS u_task,
-                       pg_temp.bench_u(id, 2) AS u_status,
-                       pg_temp.bench_u(id, 4) AS u_attempts
+                SELECT id, bench_seed.bench_u(id, 1) AS u_task,
+                       bench_seed.bench_u(id, 2) AS u_status,
+                       bench_seed.bench_u(id, 4) AS u_attempts
                 FROM generate_series(1, %(n)s::bigint) AS id
             ) draws
         ) tasks
@@ -147,7 +151,7 @@ FROM (
 # scheduled time for attempt 1 and at the end of attempt k - 1 (its
 # deferred_for_retry event) for later ones, which gives each attempt's wait_ms.
 ATTEMPT_TIMES = """
-CREATE TEMP TABLE bench_attempts AS
+CREATE UNLOGGED TABLE bench_seed.attempts AS
 SELECT j.id AS job_id, k AS attempt, j.status::text AS status, j.task_name,
        j.queue_name, j.attempts, j.scheduled_at,
        to_timestamp(least(started, %(now)s)) AS started_at,
@@ -160,17 +164,17 @@ CROSS JOIN LATERAL generate_series(
 CROSS JOIN LATERAL (
     SELECT CASE WHEN j.scheduled_at IS NOT NULL AND j.status <> 'todo'
                 THEN extract(epoch FROM j.scheduled_at)::float8
-                ELSE pg_temp.bench_epoch(j.id) END AS due_first,
-           0.004 + pg_temp.bench_u(j.id, 20) * 0.4 AS first_wait
+                ELSE bench_seed.bench_epoch(j.id) END AS due_first,
+           0.004 + bench_seed.bench_u(j.id, 20) * 0.4 AS first_wait
 ) base
 CROSS JOIN LATERAL (
     SELECT base.due_first + base.first_wait + (k - 1) * (2.5 + 2::float8 ^ k)
                AS started,
-           pg_temp.bench_run(j.queue_name, j.id, k) AS run,
+           bench_seed.bench_run(j.queue_name, j.id, k) AS run,
            CASE WHEN k = 1 THEN base.due_first
                 ELSE base.due_first + base.first_wait
                      + (k - 2) * (2.5 + 2::float8 ^ (k - 1))
-                     + pg_temp.bench_run(j.queue_name, j.id, k - 1) END AS due
+                     + bench_seed.bench_run(j.queue_name, j.id, k - 1) END AS due
 ) times
 """
 
@@ -184,17 +188,17 @@ SELECT job_id, type::procrastinate_job_event_type, at FROM (
     SELECT j.id AS job_id, e.type, e.at
       FROM procrastinate_jobs j
      CROSS JOIN LATERAL (VALUES
-         ('deferred', to_timestamp(pg_temp.bench_epoch(j.id)), true),
+         ('deferred', to_timestamp(bench_seed.bench_epoch(j.id)), true),
          ('scheduled', j.scheduled_at, j.scheduled_at IS NOT NULL),
-         ('cancelled', to_timestamp(pg_temp.bench_epoch(j.id) + 3),
+         ('cancelled', to_timestamp(bench_seed.bench_epoch(j.id) + 3),
           j.status = 'cancelled')
      ) AS e (type, at, wanted)
      WHERE j.attempts = 0 AND j.status <> 'doing' AND e.wanted
     UNION ALL
     SELECT a.job_id, e.type, e.at
-      FROM bench_attempts a
+      FROM bench_seed.attempts a
      CROSS JOIN LATERAL (VALUES
-         ('deferred', to_timestamp(pg_temp.bench_epoch(a.job_id)), a.attempt = 1),
+         ('deferred', to_timestamp(bench_seed.bench_epoch(a.job_id)), a.attempt = 1),
          ('scheduled', a.scheduled_at,
           a.attempt = 1 AND a.scheduled_at IS NOT NULL AND a.status <> 'todo'),
          ('started', a.started_at, true),
@@ -247,7 +251,7 @@ FROM (
     SELECT a.*,
            CASE WHEN a.attempt < a.attempts OR a.status = 'todo' THEN 'error'
                 ELSE a.status END AS outcome
-      FROM bench_attempts a
+      FROM bench_seed.attempts a
      WHERE a.status <> 'doing'
 ) attempts
 """
@@ -261,7 +265,7 @@ SELECT a.job_id, a.task_name,
             ELSE jsonb_build_object('status', 200, 'body', jsonb_build_object(
                 'id', a.job_id %% 50000, 'ok', true)) END,
        a.ended_at
-FROM bench_attempts a
+FROM bench_seed.attempts a
 WHERE a.status = 'succeeded' AND a.attempt = a.attempts
   AND a.task_name IN ('fetch_joke', 'call_api')
 """
@@ -288,7 +292,7 @@ SELECT now() - make_interval(mins => 5 * h), 0.4 + (h %% 7) * 0.1,
 FROM generate_series(0, %(span)s / 300 - 1) AS h;
 
 INSERT INTO audit_log (at, username, action, job_ids, details, result)
-SELECT to_timestamp(pg_temp.bench_epoch(least(g * 50, %(n)s))),
+SELECT to_timestamp(bench_seed.bench_epoch(least(g * 50, %(n)s))),
        (ARRAY['admin', 'operator', 'alice'])[1 + g %% 3],
        (ARRAY['defer', 'retry_jobs', 'cancel_jobs', 'abort_job'])[1 + g %% 4],
        ARRAY[least(g * 50, %(n)s)]::bigint[], '{}'::jsonb, 'ok'
@@ -334,14 +338,21 @@ class SeedReport:
 
 
 def _disable_triggers(conn: psycopg.Connection) -> Callable[[], None]:
+    """Turn off the triggers for this session, or for the jobs table as a fallback."""
     try:
-        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute("SET session_replication_role = replica")
+        conn.commit()
         return lambda: None
     except psycopg.errors.InsufficientPrivilege:
         conn.rollback()
     conn.execute("ALTER TABLE procrastinate_jobs DISABLE TRIGGER USER")
-    return lambda: conn.execute(
-        "ALTER TABLE procrastinate_jobs ENABLE TRIGGER USER") and None
+    conn.commit()
+
+    def restore() -> None:
+        conn.execute("ALTER TABLE procrastinate_jobs ENABLE TRIGGER USER")
+        conn.commit()
+
+    return restore
 
 
 def _drop_indexes(conn: psycopg.Connection) -> list[str]:
@@ -361,8 +372,11 @@ def _drop_indexes(conn: psycopg.Connection) -> list[str]:
 def seed_jobs(url: str, n: int) -> SeedReport:
     """Insert ``n`` jobs with events, attempts, results and panel rows into ``url``.
 
-    The job tables must be empty. Runs VACUUM ANALYZE at the end, as autovacuum
-    would after a bulk load, so that plans and index-only scans are realistic.
+    The job tables must be empty. The jobs and the attempt times come first. Then
+    the events load on one connection while the attempt rows, results and small
+    tables load on another, and the indexes are built one per CPU at a time.
+    VACUUM ANALYZE runs at the end, as autovacuum would after a bulk load, so that
+    plans and index-only scans are realistic.
     """
     if n < 1:
         raise ValueError(f"cannot seed {n} jobs; seed at least 1")
@@ -377,37 +391,88 @@ def seed_jobs(url: str, n: int) -> SeedReport:
         conn.execute("SET synchronous_commit = off")
         conn.execute("SET work_mem = '256MB'")
         restore = _disable_triggers(conn)
-        began = time.perf_counter()
-        indexes = _drop_indexes(conn)
-        report.seconds["drop indexes"] = time.perf_counter() - began
-        now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
-        assert now is not None
-        params["now"] = now[0]
-        conn.execute(HELPERS.replace("%(origin)s", repr(now[0] - span))
-                     .replace("%(step)s", repr(span / n)))
-        steps = (("procrastinate_jobs", JOBS), ("attempt times", ATTEMPT_TIMES),
-                 ("procrastinate_events", EVENTS), ("job_attempts", ATTEMPTS),
-                 ("job_results", RESULTS), ("small tables", SMALL_TABLES),
-                 ("sequences", SEQUENCES))
-        for name, statement in steps:
+        try:
             began = time.perf_counter()
-            for part in _statements(statement):
-                cursor = conn.execute(part, params)
-                report.rows[name] = report.rows.get(name, 0) + max(cursor.rowcount,
-                                                                   0)
-            report.seconds[name] = time.perf_counter() - began
-        began = time.perf_counter()
-        for definition in indexes:
-            conn.execute(definition)
-        report.seconds["build indexes"] = time.perf_counter() - began
-        restore()
-        conn.commit()
+            indexes = _drop_indexes(conn)
+            report.seconds["drop indexes"] = time.perf_counter() - began
+            now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
+            assert now is not None
+            params["now"] = now[0]
+            conn.execute(HELPERS.replace("%(origin)s", repr(now[0] - span))
+                         .replace("%(step)s", repr(span / n)))
+            _run_steps(conn, (("procrastinate_jobs", JOBS),
+                              ("attempt times", ATTEMPT_TIMES)), params, report)
+            conn.commit()
+            _in_parallel(url, [
+                (("procrastinate_events", EVENTS),),
+                (("job_attempts", ATTEMPTS), ("job_results", RESULTS),
+                 ("small tables", SMALL_TABLES)),
+            ], params, report)
+            _run_steps(conn, (("sequences", SEQUENCES),), params, report)
+            conn.execute("DROP SCHEMA bench_seed CASCADE")
+            conn.commit()
+            began = time.perf_counter()
+            _one_per_cpu(url, indexes)
+            report.seconds["build indexes"] = time.perf_counter() - began
+        finally:
+            conn.rollback()
+            restore()
     began = time.perf_counter()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for table in ANALYZED_TABLES:
-            conn.execute(f"VACUUM (ANALYZE) {table}")
+    _one_per_cpu(url, [f"VACUUM (ANALYZE) {table}" for table in ANALYZED_TABLES])
     report.seconds["vacuum"] = time.perf_counter() - began
     return report
+
+
+Step = tuple[str, str]
+
+
+def _run_steps(conn: psycopg.Connection, steps: tuple[Step, ...],
+               params: dict[str, object], report: SeedReport) -> None:
+    for name, statement in steps:
+        began = time.perf_counter()
+        for part in _statements(statement):
+            cursor = conn.execute(part, params)
+            report.rows[name] = report.rows.get(name, 0) + max(cursor.rowcount, 0)
+        report.seconds[name] = time.perf_counter() - began
+
+
+def _load_on_own_connection(url: str, steps: tuple[Step, ...],
+                            params: dict[str, object], report: SeedReport) -> None:
+    with psycopg.connect(url) as conn:
+        _disable_triggers(conn)
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("SET work_mem = '256MB'")
+        _run_steps(conn, steps, params, report)
+        conn.commit()
+
+
+def _in_parallel(url: str, groups: list[tuple[Step, ...]],
+                 params: dict[str, object], report: SeedReport) -> None:
+    """Run each group of steps on its own connection, the groups side by side."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        futures = [pool.submit(_load_on_own_connection, url, group, params, report)
+                   for group in groups]
+        for future in futures:
+            future.result()
+
+
+def _run_alone(url: str, statement: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '512MB'")
+        conn.execute(statement)
+
+
+def _one_per_cpu(url: str, statements: list[str]) -> None:
+    """Run maintenance statements side by side, one connection per CPU.
+
+    An index build or a VACUUM is CPU-bound in one backend, so on a server with
+    more than one core several connections finish sooner than one.
+    """
+    workers = max(1, min(len(statements), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(_run_alone, url, statement)
+                       for statement in statements]:
+            future.result()
 
 
 def _statements(text: str) -> list[str]:
