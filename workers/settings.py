@@ -184,7 +184,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STALLED_JOB_CHECK_INTERVAL", "60", _parse_int(1, 86400),
             "seconds between recovery sweeps; divides 60 when under a minute, "
             "else a whole number of minutes dividing 60, or hours dividing 24"),
-    Setting("HEALTH_CHECK_CRON", "*/5 * * * *", _parse_cron,
+    Setting("HEALTH_CHECK_CRON", "* * * * *", _parse_cron,
             "cron schedule of the health check"),
     Setting("JOB_RETENTION_DAYS", "30", _parse_int(1, 3650),
             "days finished jobs and their attempt records are kept"),
