@@ -25,6 +25,7 @@ from tests.support.postgres import (
     unique_name,
 )
 from tests.support.stack import Stack
+from tests.support.upstream import Upstream
 
 TESTS_DIR = Path(__file__).resolve().parent
 ARTIFACTS_DIR = TESTS_DIR.parent / "test-artifacts"
@@ -145,3 +146,10 @@ def stack_factory(
                 target = ARTIFACTS_DIR / safe_name / f"stack{index}"
                 shutil.copytree(stack.var_dir / "log", target, dirs_exist_ok=True)
             stack.remove_var_dir()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """Yield a loopback HTTP server that the test scripts and inspects."""
+    with Upstream() as server:
+        yield server

@@ -88,12 +88,6 @@ def own_postgres() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
-
-
 def script_upstream(upstream: Upstream, count: int, rng: random.Random
                     ) -> dict[int, str]:
     """Give each path /items/N a fault, or none; return the fault per N."""

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import psycopg
-import pytest
 
 from tests.support.forms import form_fields
 from tests.support.faults import wait_until
@@ -20,12 +19,6 @@ from tests.support.stack import Stack
 from tests.support.upstream import Upstream
 
 JOB_DEADLINE = 60.0  # seconds for a job to reach its expected state
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def _log_in(stack: Stack) -> httpx.Client:

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.parse
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,6 @@ WORKERS_ONLY = ("worker", "scheduler")
 def parse_time(text: str) -> datetime.datetime:
     """Parse a supervisord log timestamp such as '2026-01-01 12:00:00,123'."""
     return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def start(stack_factory: Callable[..., Stack], database_url: str,

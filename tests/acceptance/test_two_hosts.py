@@ -6,11 +6,10 @@ jobs; one stack crashing outright has its jobs recovered by the other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import psycopg
-import pytest
 from psycopg.types.json import Jsonb
 
 from tests.support.forms import form_fields
@@ -26,12 +25,6 @@ FAST_RECOVERY = {
     "WORKER_SHUTDOWN_TIMEOUT": "2",
     "SCHEDULER_SHUTDOWN_TIMEOUT": "2",
 }
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 

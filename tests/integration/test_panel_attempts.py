@@ -39,12 +39,6 @@ RETRY_AFTER_MAX = 3600.0  # seconds, the documented default cap
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
-
-
-@pytest.fixture
 def panel(database_url: str, upstream: Upstream) -> Iterator[Flask]:
     """Yield the panel on the test database, calling the test's upstream."""
     app = panel_for_upstream(database_url, upstream.url)

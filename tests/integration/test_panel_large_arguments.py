@@ -69,12 +69,6 @@ def _text(response: Any) -> str:
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
-
-
-@pytest.fixture
 def panel(database_url: str, upstream: Upstream) -> Iterator[Flask]:
     """Yield the panel on the test database, with the default argument limit."""
     app = panel_for_upstream(database_url, upstream.url)

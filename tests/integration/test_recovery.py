@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -38,12 +37,6 @@ from workers.settings import Settings
 THRESHOLD = 7.0
 
 ANY_QUEUE_CHANNEL = "procrastinate_any_queue_v1"
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def sweep(settings: Settings, threshold: float = THRESHOLD) -> RecoveryReport:

@@ -10,7 +10,6 @@ import asyncio
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,6 @@ from workers.app import build_app
 from workers.settings import PROJECT_DIR, Settings
 from workers.sync_calls import find_sync_calls
 from workers.tasks.results import store_result
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def app_with_test_tasks(settings: Settings) -> procrastinate.App:

@@ -41,12 +41,6 @@ def own_postgres() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
-
-
 def assert_outage_logged_as_warning(log: str) -> None:
     """Check that worker_00 logged the lost database as a WARNING and nothing worse."""
     assert re.search(r"WARNING workers\.runner: Worker worker_00 lost the database",

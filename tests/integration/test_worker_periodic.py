@@ -10,10 +10,8 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from tests.support.faults import (
     WorkerProcess,
@@ -28,12 +26,6 @@ from tests.support.upstream import Upstream
 
 TICK = 2  # seconds between two ticks of each periodic task in this test
 PERIODIC = ("health_check", "retry_stalled_jobs")
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def jobs_per_tick(database_url: str) -> dict[tuple[str, int], list[dict]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Iterator
 from email.utils import format_datetime
 
 import pytest
@@ -27,12 +26,6 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.upstream import Upstream
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 @pytest.fixture

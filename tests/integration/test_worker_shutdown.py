@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from tests.support.faults import (
     InProcessWorker,
@@ -26,12 +24,6 @@ from tests.support.faults import (
 from tests.support.upstream import Upstream
 
 SHUTDOWN_TIMEOUT = 3.0  # seconds, WORKER_SHUTDOWN_TIMEOUT in these tests
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def start_worker(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import pytest
 
 from tests.support.faults import (
     InProcessWorker,
@@ -16,12 +14,6 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.upstream import Upstream
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def test_slow_drip_bounded_by_job_timeout(

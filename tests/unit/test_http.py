@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import httpx
@@ -22,12 +22,6 @@ from workers.settings import Settings, load_settings
 
 _T = TypeVar("_T")
 BASE = "http://127.0.0.1:8001"
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    with Upstream() as server:
-        yield server
 
 
 def settings_for(url: str, **overrides: str) -> Settings:

@@ -26,13 +26,6 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    """Start an in-process server and close it after the test."""
-    with Upstream() as server:
-        yield server
-
-
-@pytest.fixture
 def client(upstream: Upstream) -> Iterator[httpx.Client]:
     """Return an httpx client bound to the in-process server."""
     with httpx.Client(base_url=upstream.url, timeout=5.0) as http_client:
