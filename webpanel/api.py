@@ -135,12 +135,28 @@ def read_json_body(max_bytes: int | None = None) -> Any:
                             f"{exc.start}); send UTF-8 JSON") from None
     try:
         return json.loads(text, parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+                          parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ApiError(400, "the body is not valid JSON: it is nested too "
                             "deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, rejecting a key that appears twice in it.
+
+    json.loads keeps the last of repeated keys, while a proxy or a log reader may
+    take the first, so a repeated key could make them see another request.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key[:80]!r} appears twice in one object; "
+                             "send each key once")
+        result[key] = value
+    return result
 
 
 def read_json_object(max_bytes: int | None = None) -> dict[str, Any]:

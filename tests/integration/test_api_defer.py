@@ -188,6 +188,9 @@ def test_defer_rejects_invalid_field(shared_api_panel: Flask,
 
 @pytest.mark.parametrize(("raw", "content_type", "status"), [
     (b'{"arguments": ', "application/json", 400),
+    (b'{"arguments": {"category": "a"}, "arguments": {"category": "b"}}',
+     "application/json", 400),
+    (b'{"arguments": {"category": "a", "category": "b"}}', "application/json", 400),
     (b'{"priority": NaN}', "application/json", 400),
     (b'{"priority": 1e999}', "application/json", 400),
     (b'{"priority": ' + b"9" * 5000 + b"}", "application/json", 400),
@@ -209,6 +212,14 @@ def test_defer_rejects_malformed_body(shared_api_panel: Flask,
     assert response.status_code == status
     assert response.get_json()["message"]
     assert job_total(shared_api_panel) == before
+
+
+def test_defer_names_repeated_key(shared_api_as: ApiAs) -> None:
+    raw = b'{"arguments": {"method": "POST"}, "arguments": {"method": "GET"}}'
+    response = shared_api_as("operator")("POST", "/api/v1/tasks/call_api/jobs",
+                                         raw=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert "'arguments' appears twice" in response.get_json()["message"]
 
 
 @pytest.mark.parametrize("task", ["health_check", "nope", "call_api%00",
