@@ -53,6 +53,9 @@ class _ProcessState:
         self.pool: psycopg_pool.ConnectionPool | None = None
         self.app: procrastinate.App | None = None
         self.lock = threading.Lock()
+        # Set when a request found the database unreachable, cleared by the
+        # next request that got a connection.
+        self.unreachable = False
 
 
 _state = _ProcessState()
@@ -197,16 +200,40 @@ def connection(
     COMMIT sent: use it only for a single statement.
     """
     _ensure_open()
-    assert _state.pool is not None
+    pool = _state.pool
+    assert pool is not None
+    if _state.unreachable:
+        _probe(pool)
     try:
-        with _state.pool.connection() as conn:
+        with pool.connection() as conn:
+            _state.unreachable = False
             conn.row_factory = dict_row  # type: ignore[assignment]
             if autocommit:
                 conn.autocommit = True
             yield conn  # type: ignore[misc]
-    except (psycopg_pool.PoolTimeout, psycopg.OperationalError,
-            psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
+    except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+        _state.unreachable = pool.get_stats().get("pool_available", 0) == 0
+        if _state.unreachable and isinstance(exc, psycopg_pool.PoolTimeout):
+            # No connection became free: tell a refusing server from a slow one.
+            _probe(pool)
         raise _translate(exc) from exc
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
+        raise _translate(exc) from exc
+
+
+def _probe(pool: psycopg_pool.ConnectionPool) -> None:
+    """Raise DatabaseUnavailable at once if the server still refuses connections.
+
+    After a request found the database unreachable, the next ones would each wait
+    the whole WEB_REQUEST_BUDGET for the pool. While the pool has no idle
+    connection, one direct connection attempt tells within the connect timeout.
+    """
+    if pool.get_stats().get("pool_available", 0) > 0:
+        return
+    try:
+        psycopg.connect(pool.conninfo, **pool.kwargs).close()
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable("the database cannot be reached") from exc
 
 
 def fetch_all(sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -181,8 +181,9 @@ def _timed_out(exc: BaseException) -> bool:
     # sits somewhere in the chain of causes.
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, DatabaseUnavailable) and seen.timed_out:
-            return True
+        if isinstance(seen, DatabaseUnavailable):
+            # The panel's own verdict wins over the errors that led to it.
+            return seen.timed_out
         if isinstance(seen, (psycopg_pool.PoolTimeout, psycopg.errors.QueryCanceled,
                              psycopg.errors.LockNotAvailable)):
             return True
