@@ -16,10 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
-import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +24,11 @@ import procrastinate
 import psycopg
 import psycopg_pool
 from flask import current_app
-from psycopg import pq
 from psycopg.rows import dict_row
 
 from workers.app import build_app
 from workers.identity import application_name
+from workers.pool_check import SyncRecentUseCheck
 from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,55 +62,6 @@ def _settings() -> Settings:
     return current_app.config["FLEET_SETTINGS"]
 
 
-# Seconds since a pooled connection was last handed out within which it is handed
-# out again without a round trip to the server, provided its socket is quiet.
-RECENT_USE_SECONDS = 2.0
-
-
-class RecentUseCheck:
-    """Pool ``check`` callback that skips the round trip for a recently used connection.
-
-    The pool calls it on every checkout. The full check (an empty query, which
-    raises on a dead connection so that the pool replaces it) runs when the
-    connection was not handed out in the last ``recent_use_seconds``, is not idle,
-    or has bytes waiting on its socket. An idle connection of the panel receives
-    nothing unsolicited, because the panel never LISTENs. When the server ends a
-    connection (shutdown, restart, ``pg_terminate_backend``), it sends an error and
-    closes the socket, so the full check runs and fails.
-    """
-
-    def __init__(self, recent_use_seconds: float = RECENT_USE_SECONDS) -> None:
-        self.recent_use_seconds = recent_use_seconds
-        self._lock = threading.Lock()
-        self._handed_out_at: weakref.WeakKeyDictionary[
-            psycopg.Connection[Any], float
-        ] = weakref.WeakKeyDictionary()
-
-    def needs_round_trip(self, conn: psycopg.Connection[Any]) -> bool:
-        """Return whether ``conn`` must pass the full check before it is handed out."""
-        with self._lock:
-            last = self._handed_out_at.get(conn)
-        if last is None or time.monotonic() - last > self.recent_use_seconds:
-            return True
-        if conn.closed or conn.broken:
-            return True
-        if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-            return True
-        # NOTE: a peer that vanished without closing the TCP connection (a host
-        # powered off, a dropped network path) leaves the socket quiet, so a
-        # connection used within the window passes. Its next query then waits
-        # until TCP gives up, as the empty query of the full check would.
-        poller = select.poll()
-        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
-        return bool(poller.poll(0))
-
-    def __call__(self, conn: psycopg.Connection[Any]) -> None:
-        if self.needs_round_trip(conn):
-            psycopg_pool.ConnectionPool.check_connection(conn)
-        with self._lock:
-            self._handed_out_at[conn] = time.monotonic()
-
-
 def _leave_autocommit(conn: psycopg.Connection[Any]) -> None:
     # Runs when the pool takes a connection back (its ``reset`` callback), so a
     # connection lent in autocommit mode never reaches a caller that expects a
@@ -138,7 +86,7 @@ def _open(settings: Settings) -> None:
                         f"-c lock_timeout={budget_ms} -c jit=off"),
         },
         open=False,
-        check=RecentUseCheck(),
+        check=SyncRecentUseCheck(),
         reset=_leave_autocommit,
         name=f"web-{os.getpid()}",
     )
@@ -226,7 +174,7 @@ def _probe(pool: psycopg_pool.ConnectionPool) -> None:
 
     After a request found the database unreachable, the next ones would each wait
     the whole WEB_REQUEST_BUDGET for the pool. While the pool has no idle
-    connection, one direct connection attempt tells within the connect timeout.
+    connection, one direct connection attempt decides within the connect timeout.
     """
     if pool.get_stats().get("pool_available", 0) > 0:
         return

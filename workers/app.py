@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import select
-import time
-import weakref
 from typing import Any
 
 import procrastinate
@@ -12,9 +9,9 @@ import psycopg
 import psycopg_pool
 from procrastinate import manager
 from procrastinate.jobs import Job
-from psycopg.pq import TransactionStatus
 
 from workers.identity import application_name
+from workers.pool_check import RecentUseCheck
 from workers.retry import BackoffRetry
 from workers.settings import Settings
 from workers.tasks import register_tasks
@@ -27,49 +24,6 @@ def connection_kwargs(settings: Settings, role: str) -> dict[str, Any]:
         "application_name": application_name(role),
         "connect_timeout": settings.db_connect_timeout,
     }
-
-
-# Seconds after a checkout within which the next checkout of the same connection
-# makes no round trip to the server, provided its socket has nothing to read.
-RECENT_USE_SECONDS = 2.0
-
-
-class RecentUseCheck:
-    """Pool ``check`` callback that skips the round trip for a recently used connection.
-
-    The pool calls it on every checkout. psycopg_pool's full check (an empty query)
-    runs when the connection was never handed out or not in the last
-    ``recent_use_seconds``, is not idle, or has bytes waiting on its socket. An idle
-    pooled connection normally receives nothing. A server that ends it (a restart,
-    ``pg_terminate_backend``) sends an error and closes the socket, so the full
-    check runs, fails, and the pool replaces the connection. A connection lost
-    without a word from the server (a dropped network path) within the window
-    fails on its next query instead.
-    """
-
-    def __init__(self, recent_use_seconds: float = RECENT_USE_SECONDS) -> None:
-        self.recent_use_seconds = recent_use_seconds
-        self._handed_out_at: weakref.WeakKeyDictionary[
-            psycopg.AsyncConnection[Any], float
-        ] = weakref.WeakKeyDictionary()
-
-    def needs_round_trip(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Return whether ``conn`` must pass the full check before it is handed out."""
-        last = self._handed_out_at.get(conn)
-        if last is None or time.monotonic() - last > self.recent_use_seconds:
-            return True
-        if conn.closed or conn.broken:
-            return True
-        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-            return True
-        poller = select.poll()
-        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
-        return bool(poller.poll(0))
-
-    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if self.needs_round_trip(conn):
-            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
-        self._handed_out_at[conn] = time.monotonic()
 
 
 async def set_autocommit(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -26,7 +26,8 @@ from tests.integration.test_api_fixtures import bearer, create_token
 from tests.integration.test_jobs_fixtures import audit_rows, job_count, run_sql, text
 from tests.support.panel import build_panel, csrf_token, logged_in_client
 from webpanel import db
-from webpanel.db import DatabaseUnavailable, RecentUseCheck
+from webpanel.db import DatabaseUnavailable
+from workers.pool_check import SyncRecentUseCheck
 
 FORM = "/defer/fetch_joke"
 BATCH = "/api/v1/tasks/fetch_joke/jobs/batch"
@@ -174,7 +175,7 @@ def _wait_readable(conn: psycopg.Connection[Any], timeout: float) -> bool:
 
 
 def test_recent_use_check_detects_terminated(database_url: str) -> None:
-    check = RecentUseCheck(recent_use_seconds=60)
+    check = SyncRecentUseCheck(recent_use_seconds=60)
     with psycopg.connect(database_url, autocommit=True) as admin, \
             psycopg.connect(database_url) as conn:
         assert check.needs_round_trip(conn)  # never handed out
@@ -190,7 +191,7 @@ def test_recent_use_check_detects_terminated(database_url: str) -> None:
 
 
 def test_recent_use_check_runs_round_trip_after_window(database_url: str) -> None:
-    check = RecentUseCheck(recent_use_seconds=0)
+    check = SyncRecentUseCheck(recent_use_seconds=0)
     with psycopg.connect(database_url) as conn:
         check(conn)
         assert check.needs_round_trip(conn)
@@ -309,8 +310,8 @@ def test_panel_503_while_down_then_recovers(
         started = time.monotonic()
         response = client.get("/audit")
         elapsed = time.monotonic() - started
-        # Once a request found the server refusing, the next ones say so at once
-        # instead of waiting for the pool again.
+        # Once a request found the server refusing, the next ones get the same
+        # 503 at once instead of waiting for the pool again.
         again = client.get("/audit")
     finally:
         postgres.resume()

@@ -118,7 +118,7 @@ def test_sigint_stops_cleanly(
 def test_stop_during_attempt_record_requeues(
     database_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:
-    # The locked table stands in for a stalled database: the failed attempt is
+    # The locked table plays the part of a stalled database: the failed attempt is
     # still writing its record when the shutdown timeout expires. The job must go
     # back to the queue, not end as aborted.
     upstream.respond("/flaky", status=500, times=1)

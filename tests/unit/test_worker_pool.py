@@ -17,7 +17,9 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 from workers import app as worker_app
-from workers.app import RecentUseCheck, worker_pool
+from workers import pool_check
+from workers.app import worker_pool
+from workers.pool_check import RecentUseCheck
 
 
 @dataclasses.dataclass
@@ -91,7 +93,7 @@ def test_check_idle_connection_round_trip(
 ) -> None:
     check = RecentUseCheck(recent_use_seconds=2.0)
     now = [1000.0]
-    monkeypatch.setattr(worker_app.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(pool_check.time, "monotonic", lambda: now[0])
     check_out(check, pair.conn)
     now[0] += 1.9
     check_out(check, pair.conn)
