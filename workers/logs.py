@@ -107,7 +107,11 @@ class ProcrastinateNoiseFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         action = getattr(record, "action", None)
-        if action in _REPLACED_WORKER_ACTIONS:
+        # The job middleware's own lines use some of the same action names
+        # ("job_error", "job_aborted"), so only Procrastinate's lines are dropped.
+        if action in _REPLACED_WORKER_ACTIONS and record.name.startswith(
+            "procrastinate."
+        ):
             return False
         if action in _RAISED_TO_INFO and record.levelno < logging.INFO:
             record.levelno = logging.INFO
