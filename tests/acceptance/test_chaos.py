@@ -355,6 +355,9 @@ def check_requests(upstream: Upstream, database_url: str, job_ids: list[int]
 
 
 def check_processes(stack: Stack) -> None:
+    # A worker killed in the last seconds is still STARTING (startsecs) when the
+    # jobs end; supervisord must bring every one back to RUNNING.
+    stack.wait_running(("worker", "scheduler"), timeout=60)
     states = {
         f"{info['group']}:{info['name']}": info["statename"]
         for info in stack.all_process_info()
