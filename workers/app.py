@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import procrastinate
 import psycopg
 import psycopg_pool
 from procrastinate import manager
-from procrastinate.jobs import Job
+from procrastinate.jobs import Job, Status
 
+from workers.end_state import write_through_outage
 from workers.identity import application_name
 from workers.pool_check import RecentUseCheck
 from workers.retry import BackoffRetry
@@ -42,14 +44,18 @@ def worker_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
     return psycopg_pool.AsyncConnectionPool(**kwargs)
 
 
-class CheckedJobManager(manager.JobManager):
-    """Job manager that checks a job's arguments before the job is inserted.
+class FleetJobManager(manager.JobManager):
+    """Job manager that checks arguments at defer and outlasts outages at the end.
 
     The panel's form and API check arguments before they defer, and so does this
     manager for every other caller (``task.defer()`` in code, a shell), so one
     MAX_ARGUMENTS_BYTES limit and one set of argument rules apply to every defer.
     Invalid arguments raise InvalidTaskArguments and insert nothing. A job written
     to the table by other means is still checked again by the task when it runs.
+
+    A worker writes a job's new status through ``finish_job`` or ``retry_job``.
+    Both call the database again after a connection error for up to
+    ``END_STATE_WINDOW`` seconds (``workers/end_state.py``).
     """
 
     def __init__(self, connector: procrastinate.BaseConnector, max_bytes: int
@@ -84,6 +90,30 @@ class CheckedJobManager(manager.JobManager):
         self.check(jobs)
         return super().batch_defer_jobs(jobs, connection)
 
+    async def finish_job(self, job: Job, status: Status, delete_job: bool) -> None:
+        finish = super().finish_job
+        await write_through_outage(
+            lambda: finish(job=job, status=status, delete_job=delete_job),
+            description=f"the {status.value} status of job {job.id}",
+            extra={"job_id": job.id},
+        )
+
+    async def retry_job(
+        self,
+        job: Job,
+        retry_at: datetime.datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        retry = super().retry_job
+        await write_through_outage(
+            lambda: retry(job=job, retry_at=retry_at, priority=priority,
+                          queue=queue, lock=lock),
+            description=f"the retry of job {job.id}",
+            extra={"job_id": job.id},
+        )
+
 
 def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
               ) -> procrastinate.App:
@@ -93,6 +123,7 @@ def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
 
         require_database_url(settings)
     max_size = pool_max_size or settings.db_pool_max_size
+    pool_timeout = max(settings.db_connect_timeout, 5)
     # The async pool's connections are in autocommit mode, so a query costs no
     # BEGIN and COMMIT. That changes no transaction, because the connector checks
     # out a connection per query, runs one statement and commits. Nothing in workers/
@@ -108,14 +139,18 @@ def build_app(settings: Settings, role: str, *, pool_max_size: int | None = None
         conninfo=settings.database_url,
         min_size=1,
         max_size=max_size,
-        timeout=max(settings.db_connect_timeout, 5),
+        timeout=pool_timeout,
+        # psycopg_pool retries a failed connection after 1, 2, 4, 8... s. Giving
+        # up after pool_timeout lets the next checkout connect at once, so an
+        # end-state write reaches a database that came back within seconds.
+        reconnect_timeout=pool_timeout,
         kwargs=connection_kwargs(settings, role),
         pool_factory=worker_pool,
     )
     app = procrastinate.App(connector=connector)
     # Tasks read ``app.job_manager`` whenever they are configured, so every defer
     # through this App goes through the checked manager.
-    app.job_manager = CheckedJobManager(connector, settings.max_arguments_bytes)
+    app.job_manager = FleetJobManager(connector, settings.max_arguments_bytes)
     register_tasks(app, settings)
     return app
 

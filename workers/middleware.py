@@ -7,7 +7,8 @@
    even when the task swallowed the cancellation;
 2. gets the task's retry decision for a failure, so that the decision is logged
    and recorded. The strategy caches it, so Procrastinate reads the same one.
-3. writes one ``job_attempts`` row when the attempt ends, shielded from cancellation;
+3. writes one ``job_attempts`` row when the attempt ends, shielded from cancellation
+   and tried again through a short database outage;
 4. logs the start and the outcome once, at a level that follows the outcome.
 """
 
@@ -27,6 +28,7 @@ from procrastinate.middleware import AsyncCallNext
 from procrastinate.worker import Worker
 
 from workers.attempts import AttemptNotes, current_attempt
+from workers.end_state import write_through_outage
 from workers.identity import host_name
 from workers.retry import (
     BackoffRetry,
@@ -231,9 +233,12 @@ class JobMiddleware:
         ended = time.time()
         self._log_outcome(context, outcome, ended - started, fields)
         row = self._attempt_row(context, worker, started, ended, notes, outcome)
-        write = asyncio.ensure_future(
-            worker.app.connector.execute_query_async(RECORD_ATTEMPT, **row)
-        )
+        connector = worker.app.connector
+        write = asyncio.ensure_future(write_through_outage(
+            lambda: connector.execute_query_async(RECORD_ATTEMPT, **row),
+            description=f"attempt {row['attempt']} of job {row['job_id']}",
+            extra=fields,
+        ))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:

@@ -22,6 +22,7 @@ from procrastinate.worker import Worker
 
 from workers import http
 from workers.app import build_app
+from workers.end_state import first_error_line
 from workers.identity import host_name, process_name
 from workers.middleware import JobMiddleware
 from workers.settings import Settings
@@ -153,7 +154,7 @@ class FleetWorker:
         except DATABASE_ERRORS as exc:
             logger.warning(
                 "Worker %s lost the database (%s); exiting 1 so that supervisord "
-                "starts it again", self.name, _first_line(exc),
+                "starts it again", self.name, first_error_line(exc),
                 extra={"action": "worker_database_lost", "process_name": self.name},
             )
             return 1
@@ -217,7 +218,7 @@ class FleetWorker:
             # stop raised nothing. The outage shows only in the side task's error.
             logger.warning(
                 "Worker %s lost the database (%s); exiting 1 so that supervisord "
-                "starts it again", self.name, _first_line(lost),
+                "starts it again", self.name, first_error_line(lost),
                 extra={"action": "worker_database_lost", "process_name": self.name},
             )
             return 1
@@ -297,16 +298,8 @@ class FleetWorker:
             )
         except Exception as exc:  # noqa: BLE001 - the database may be gone
             logger.warning("Could not mark worker %s stopped: %s", self.name,
-                           _first_line(exc),
+                           first_error_line(exc),
                            extra={"action": "worker_record_failed"})
-
-
-def _first_line(exc: BaseException) -> str:
-    if isinstance(exc, procrastinate_exceptions.ConnectorException) and exc.__cause__:
-        # Procrastinate's own message is a generic "Database error."
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run_process(settings: Settings, role: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.faults import (
     WorkerProcess,
+    attempts,
     defer_job,
     events,
     fleet_environment,
@@ -149,3 +150,40 @@ def test_outage_during_running_job_warns(
     assert code == 1
     assert_outage_logged_as_warning(process.log())
     assert job(database_url, job_id)["status"] == "todo"
+
+
+def test_job_ended_during_outage_recorded(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The job succeeds while the database is down. Its end state is written once
+    # the database is back, so stalled-job recovery does not run it again.
+    database_url = create_database(own_postgres.url, "end_during_outage")
+    apply_schema(database_url)
+    upstream.hold("/slow", seconds=3, times=1)
+    environment = fleet_environment(
+        database_url, upstream.url, DB_CONNECT_TIMEOUT="2",
+        WORKER_SHUTDOWN_TIMEOUT="30", STALLED_JOB_THRESHOLD="60",
+    )
+    settings = fleet_settings(database_url, upstream.url)
+
+    with WorkerProcess(environment, tmp_path, name="worker_00") as process:
+        process.wait_registered()
+        job_id = defer_job(settings, "call_api", method="GET", path="/slow")
+        upstream.wait_for_count("/slow", 1, timeout=10)
+        own_postgres.halt()
+        process.wait_for_log(
+            rf"Could not write the result of job {job_id}, the database is "
+            "unreachable", timeout=20,
+        )
+        own_postgres.resume()
+        code = process.wait(60)
+
+    assert code == 1
+    log = process.log()
+    assert_outage_logged_as_warning(log)
+    assert re.search(rf"Wrote the result of job {job_id} after \d+ tries", log)
+    row = job(database_url, job_id)
+    assert row["status"] == "succeeded"
+    assert row["attempts"] == 1
+    assert [a["outcome"] for a in attempts(database_url, job_id)] == ["succeeded"]
+    assert upstream.count("/slow") == 1

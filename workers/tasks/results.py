@@ -6,6 +6,8 @@ from typing import Any
 
 from procrastinate import JobContext
 
+from workers.end_state import write_through_outage
+
 STORE_RESULT = """
 INSERT INTO job_results (job_id, task_name, result)
 VALUES (%(job_id)s, %(task_name)s, %(result)s)
@@ -31,12 +33,21 @@ def storable(value: Any) -> Any:
 
 
 async def store_result(context: JobContext, result: dict[str, Any]) -> None:
-    """Store a job's result unless an earlier run of the same job stored one."""
-    await context.app.connector.execute_query_async(
-        STORE_RESULT,
-        job_id=context.job.id,
-        task_name=context.job.task_name,
-        result=storable(result),
+    """Store a job's result unless an earlier run of the same job stored one.
+
+    The upstream has already applied the request, so the write is tried again
+    through a short database outage instead of failing the attempt.
+    """
+    connector = context.app.connector
+    await write_through_outage(
+        lambda: connector.execute_query_async(
+            STORE_RESULT,
+            job_id=context.job.id,
+            task_name=context.job.task_name,
+            result=storable(result),
+        ),
+        description=f"the result of job {context.job.id}",
+        extra={"job_id": context.job.id, "task": context.job.task_name},
     )
 
 
