@@ -30,7 +30,17 @@ from psycopg import sql
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for initdb plus the first accepted connection
-STOP_TIMEOUT = 30.0  # seconds for a fast shutdown before SIGKILL
+# A fast shutdown waits for every child of the postmaster. A connection that
+# arrives during the shutdown gets a child that only sends the shutdown error, and
+# that child waits for the client's startup packet until authentication_timeout
+# (60 s). The postmaster signals no such child, even on an immediate shutdown, and
+# it accepts no connection meanwhile. A psycopg 3.3 connection attempt that timed
+# out was seen to keep its socket open like this, so a worker reconnecting during
+# the shutdown can hold it for a minute. After FAST_STOP_TIMEOUT seconds the whole
+# process group is therefore killed, and the next start runs crash recovery if the
+# shutdown checkpoint was not written yet.
+FAST_STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 30.0
 PORT_ATTEMPTS = 3  # another process may take the chosen free port first
 SUPERUSER = "postgres"
 SERVER_OPTIONS = {
@@ -284,13 +294,23 @@ class PostgresServer:
         process, self._process = self._process, None
         if process is None:
             raise RuntimeError("the test PostgreSQL server is not running")
+        self._shut_down(process)
+        logger.info("test PostgreSQL server on port %s halted", self.port)
+
+    def _shut_down(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop the postmaster with a fast shutdown, or kill its process group."""
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(STOP_TIMEOUT)
+            process.wait(FAST_STOP_TIMEOUT)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        logger.info("test PostgreSQL server on port %s halted", self.port)
+            logger.warning(
+                "test PostgreSQL server %s still running %g s after a fast shutdown "
+                "request; killing its process group",
+                process.pid, FAST_STOP_TIMEOUT,
+            )
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT)
 
     def resume(self) -> None:
         """Start a halted server again on the same port and data folder."""
@@ -305,17 +325,7 @@ class PostgresServer:
         """Stop the server with a fast shutdown and delete its folder."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                logger.error(
-                    "test PostgreSQL server %s ignored SIGINT for %g s; killing it",
-                    process.pid,
-                    STOP_TIMEOUT,
-                )
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            self._shut_down(process)
         if process is not None:
             # Children left behind by a crashed postmaster share its process group.
             try:
