@@ -53,10 +53,6 @@ UPDATE worker_processes
  WHERE worker_id = %(worker_id)s
 """
 
-# Seconds between two fetches when no NOTIFY arrives. A retry scheduled for later
-# sends no notification, so this bounds how late a due retry starts; Procrastinate's
-# default is 5 s. Each poll is one indexed query per idle worker process.
-FETCH_POLL_INTERVAL = 1.0
 
 # Errors that mean the database went away. The process then exits 1, supervisord
 # starts it again, and the new process waits for the database at start.
@@ -169,7 +165,9 @@ class FleetWorker:
                 queues=self.queues,
                 name=self.name,
                 concurrency=self.concurrency,
-                fetch_job_polling_interval=FETCH_POLL_INTERVAL,
+                # A retry scheduled for later sends no NOTIFY, so the poll
+                # bounds how late it starts. Procrastinate's default is 5 s.
+                fetch_job_polling_interval=self.settings.worker_poll_interval,
                 shutdown_graceful_timeout=self.shutdown_timeout,
                 delete_jobs="never",
                 additional_context={"settings": self.settings},

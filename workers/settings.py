@@ -176,6 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a stopping scheduler waits for its maintenance jobs"),
     Setting("JOB_TIMEOUT", "300", _parse_float(0.1, 86400),
             "seconds one attempt of a job may run; tasks may set their own"),
+    Setting("WORKER_POLL_INTERVAL", "1", _parse_float(0.1, 600),
+            "seconds an idle worker waits between two fetches when no NOTIFY "
+            "arrives; bounds how late a retry scheduled for later starts"),
     Setting("HEARTBEAT_INTERVAL", "10", _parse_float(0.5, 600),
             "seconds between worker heartbeats"),
     Setting("STALLED_JOB_THRESHOLD", "60", _parse_float(1, 86400),

@@ -27,7 +27,6 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.upstream import Upstream
-from workers import runner
 from workers.app import build_app
 from workers.recovery import RecoveryReport, recover_stalled_jobs
 from workers.settings import Settings
@@ -287,13 +286,11 @@ def test_recovered_job_sends_inserted_notification(
 
 def test_recovered_job_wakes_idle_worker(
     database_url: str, upstream: Upstream, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # With a poll every 300 s, only a notification can start the job within
     # the waits below.
-    monkeypatch.setattr(runner, "FETCH_POLL_INTERVAL", 300.0)
     job_id, _ = start_and_kill(database_url, upstream, tmp_path)
-    settings = fleet_settings(database_url, upstream.url)
+    settings = fleet_settings(database_url, upstream.url, WORKER_POLL_INTERVAL="300")
     queue = job(database_url, job_id)["queue_name"]
 
     with InProcessWorker(settings):
