@@ -5,8 +5,8 @@ default API_BASE_URL (http://127.0.0.1:8001). `GET /jokes/random` returns a joke
 the shape of the api.chucknorris.io response. Two paths let you watch failures and long
 jobs from the panel: `/status/CODE` answers with that HTTP status (for example
 `/status/404` fails a `call_api` job at once, `/status/503` makes it retry), and
-`/slow/SECONDS` answers after that many seconds (at most 600). Any other path
-echoes the request as JSON.
+`/slow/SECONDS` echoes the request after that many seconds (at most 600). Any other
+path echoes the request as JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ JOKES = (
 STATUS_PATH = re.compile(r"/status/([1-5][0-9][0-9])")
 SLOW_PATH = re.compile(r"/slow/([0-9]+(?:\.[0-9]+)?)")
 MAX_SLOW_SECONDS = 600.0
+TRICKLE_INTERVAL = 1.0  # seconds between two spaces of a slow response
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -63,15 +64,37 @@ class DemoHandler(BaseHTTPRequestHandler):
             code = int(status.group(1))
             self._send(code, {"status": code, "path": parts.path})
             return
-        slow = SLOW_PATH.fullmatch(parts.path)
-        if slow:
-            time.sleep(min(float(slow.group(1)), MAX_SLOW_SECONDS))
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        self._send(200, {"method": self.command, "path": parts.path,
-                         "query": parts.query, "json": body})
+        echo = {"method": self.command, "path": parts.path, "query": parts.query,
+                "json": body}
+        slow = SLOW_PATH.fullmatch(parts.path)
+        if slow:
+            self._send_slowly(echo, min(float(slow.group(1)), MAX_SLOW_SECONDS))
+            return
+        self._send(200, echo)
+
+    def _send_slowly(self, payload: object, seconds: float) -> None:
+        """Send the headers now and ``payload`` after ``seconds``.
+
+        A space goes out every TRICKLE_INTERVAL seconds meanwhile (JSON allows
+        leading whitespace), so a client's read timeout, HTTP_TIMEOUT for the
+        workers, does not end the request before the job timeout does.
+        """
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(TRICKLE_INTERVAL, remaining))
+            self.wfile.write(b" ")
+            self.wfile.flush()
+        self.wfile.write(json.dumps(payload).encode())
+        self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

@@ -61,6 +61,19 @@ def test_slow_path_echoes(demo: tuple[subprocess.Popen[bytes], str]) -> None:
     assert response.json()["json"] == {"n": 1}
 
 
+def test_slow_path_outlasts_read_timeout(
+    demo: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    # The workers read with HTTP_TIMEOUT between bytes; a slow path longer than
+    # that must still complete, so the demo can keep a job running for minutes.
+    _, url = demo
+    timeout = httpx.Timeout(5.0, read=1.5)
+    with httpx.Client(timeout=timeout) as client:
+        response = client.get(f"{url}/slow/3.5")
+    assert response.status_code == 200
+    assert response.json()["path"] == "/slow/3.5"
+
+
 def test_sigterm_exits_zero(demo: tuple[subprocess.Popen[bytes], str]) -> None:
     process, _ = demo
     process.send_signal(signal.SIGTERM)
