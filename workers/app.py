@@ -11,7 +11,7 @@ import psycopg_pool
 from procrastinate import manager
 from procrastinate.jobs import Job, Status
 
-from workers.end_state import write_through_outage
+from workers.end_state import FINISH_IF_HELD, RETRY_IF_HELD, write_status_if_held
 from workers.identity import application_name
 from workers.pool_check import RecentUseCheck
 from workers.retry import BackoffRetry
@@ -54,8 +54,9 @@ class FleetJobManager(manager.JobManager):
     to the table by other means is still checked again by the task when it runs.
 
     A worker writes a job's new status through ``finish_job`` or ``retry_job``.
-    Both call the database again after a connection error for up to
-    ``END_STATE_WINDOW`` seconds (``workers/end_state.py``).
+    Both write only while the job is still doing for that worker, and call the
+    database again after a connection error for up to ``END_STATE_WINDOW``
+    seconds (``workers/end_state.py``).
     """
 
     def __init__(self, connector: procrastinate.BaseConnector, max_bytes: int
@@ -91,11 +92,14 @@ class FleetJobManager(manager.JobManager):
         return super().batch_defer_jobs(jobs, connection)
 
     async def finish_job(self, job: Job, status: Status, delete_job: bool) -> None:
-        finish = super().finish_job
-        await write_through_outage(
-            lambda: finish(job=job, status=status, delete_job=delete_job),
-            description=f"the {status.value} status of job {job.id}",
-            extra={"job_id": job.id},
+        if job.worker_id is None:
+            # Not fetched by a worker, so no worker holds it.
+            await super().finish_job(job=job, status=status, delete_job=delete_job)
+            return
+        await write_status_if_held(
+            self.connector, FINISH_IF_HELD, job,
+            f"the {status.value} status of job {job.id}",
+            status=status.value, delete_job=delete_job,
         )
 
     async def retry_job(
@@ -106,12 +110,14 @@ class FleetJobManager(manager.JobManager):
         queue: str | None = None,
         lock: str | None = None,
     ) -> None:
-        retry = super().retry_job
-        await write_through_outage(
-            lambda: retry(job=job, retry_at=retry_at, priority=priority,
-                          queue=queue, lock=lock),
-            description=f"the retry of job {job.id}",
-            extra={"job_id": job.id},
+        if job.worker_id is None:
+            await super().retry_job(job=job, retry_at=retry_at, priority=priority,
+                                    queue=queue, lock=lock)
+            return
+        await write_status_if_held(
+            self.connector, RETRY_IF_HELD, job, f"the retry of job {job.id}",
+            retry_at=retry_at or datetime.datetime.now(datetime.timezone.utc),
+            new_priority=priority, new_queue_name=queue, new_lock=lock,
         )
 
 

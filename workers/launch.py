@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from supervisor.options import ServerOptions
 
 from workers.errors import ConfigurationError
-from workers.settings import PROJECT_DIR, Settings, load_settings
+from workers.settings import END_STATE_WINDOW, PROJECT_DIR, Settings, load_settings
 
 SUPERVISOR_CONFIG = PROJECT_DIR / "conf" / "supervisord.conf"
 LOCAL_DATABASE_CONFIG = PROJECT_DIR / "conf" / "postgres.conf"
@@ -46,9 +46,15 @@ _SECTION = re.compile(r"in section '(?P<section>[^']+)'")
 
 def supervisor_variables(settings: Settings) -> dict[str, str]:
     """Return every variable that conf/supervisord.conf expands, as strings."""
-    worker_stop = math.ceil(settings.worker_shutdown_timeout) + PROCESS_STOP_MARGIN
+    # A worker stopped during a database outage keeps writing the end state of its
+    # jobs for up to END_STATE_WINDOW seconds after its shutdown timeout.
+    end_state = math.ceil(END_STATE_WINDOW)
+    worker_stop = (
+        math.ceil(settings.worker_shutdown_timeout) + end_state + PROCESS_STOP_MARGIN
+    )
     scheduler_stop = (
-        math.ceil(settings.scheduler_shutdown_timeout) + PROCESS_STOP_MARGIN
+        math.ceil(settings.scheduler_shutdown_timeout) + end_state
+        + PROCESS_STOP_MARGIN
     )
     web_stop = settings.web_graceful_timeout + WEB_STOP_MARGIN
     included = []

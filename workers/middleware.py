@@ -195,7 +195,7 @@ class JobMiddleware:
                 self._decide(exc, context, worker)
                 return Outcome(
                     "interrupted", logging.WARNING,
-                    "worker stopping; job returned to the queue", exc,
+                    "worker stopping; the job goes back to the queue", exc,
                 )
             return Outcome("aborted", logging.WARNING, "aborted on request", exc)
 

@@ -27,6 +27,10 @@ WEAK_PASSWORDS = frozenset(
 )
 MIN_SECRET_KEY_LENGTH = 32  # characters
 MIN_ADMIN_PASSWORD_LENGTH = 12  # characters
+# Seconds during which a worker keeps trying to write the end state of its jobs
+# after the first failed write of a database outage (workers/end_state.py).
+# supervisord's stopwaitsecs for workers and the scheduler includes it.
+END_STATE_WINDOW = 30.0
 
 
 def _parse_int(low: int, high: int) -> Callable[[str], int]:

@@ -10,7 +10,7 @@ import psycopg_pool
 import pytest
 from procrastinate import exceptions as procrastinate_exceptions
 
-from workers.end_state import is_connection_error, write_through_outage
+from workers.end_state import OutageWindow, is_connection_error, write_through_outage
 
 FAST = {"first_delay": 0.01, "max_delay": 0.02}
 
@@ -71,7 +71,7 @@ def test_write_retried_until_it_succeeds(caplog: pytest.LogCaptureFixture) -> No
     caplog.set_level(logging.INFO, logger="workers.end_state")
 
     result = asyncio.run(write_through_outage(write, description="the status of job 7",
-                                              window=5, **FAST))
+                                              window=5, outage=OutageWindow(), **FAST))
 
     assert result == "written"
     assert write.calls == 3
@@ -89,7 +89,7 @@ def test_other_error_raised_at_once() -> None:
     write = FlakyWrite(error)
 
     with pytest.raises(procrastinate_exceptions.ConnectorException) as raised:
-        asyncio.run(write_through_outage(write, description="x", window=5, **FAST))
+        asyncio.run(write_through_outage(write, description="x", window=5, outage=OutageWindow(), **FAST))
 
     assert raised.value is error
     assert write.calls == 1
@@ -100,7 +100,7 @@ def test_last_error_raised_after_window() -> None:
     write = FlakyWrite(*errors)
 
     with pytest.raises(psycopg.OperationalError) as raised:
-        asyncio.run(write_through_outage(write, description="x", window=0.1, **FAST))
+        asyncio.run(write_through_outage(write, description="x", window=0.1, outage=OutageWindow(), **FAST))
 
     assert 2 <= write.calls < 1000
     assert str(raised.value) == f"refused {write.calls - 1}"
@@ -116,6 +116,40 @@ def test_delay_doubles_up_to_max(monkeypatch: pytest.MonkeyPatch) -> None:
     write = FlakyWrite(*[psycopg.OperationalError("refused")] * 5)
 
     asyncio.run(write_through_outage(write, description="x", window=60,
-                                     first_delay=0.5, max_delay=4.0))
+                                     first_delay=0.5, max_delay=4.0,
+                                     outage=OutageWindow()))
 
     assert waits == [0.5, 1.0, 2.0, 4.0, 4.0]
+
+
+def test_writes_share_one_outage_window() -> None:
+    outage = OutageWindow()
+    first = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(write_through_outage(first, description="x", window=0.1,
+                                         outage=outage, **FAST))
+
+    # The outage goes on: the next write gets no new window.
+    second = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(write_through_outage(second, description="y", window=0.1,
+                                         outage=outage, **FAST))
+    assert second.calls == 1
+
+
+def test_success_ends_outage_window() -> None:
+    outage = OutageWindow()
+    failing = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(write_through_outage(failing, description="x", window=0.1,
+                                         outage=outage, **FAST))
+    asyncio.run(write_through_outage(FlakyWrite(), description="y", window=0.1,
+                                     outage=outage, **FAST))
+    assert outage.started is None
+
+    # A later outage starts a window of its own.
+    later = FlakyWrite(psycopg.OperationalError("refused"))
+    result = asyncio.run(write_through_outage(later, description="z", window=5,
+                                              outage=outage, **FAST))
+    assert result == "written"
+    assert later.calls == 2
