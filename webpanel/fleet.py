@@ -27,6 +27,8 @@ from webpanel import audit, charts, dashboard, db, processes
 from webpanel.auth import current_user, requires
 from webpanel.queries import query
 from workers.recovery import FAIL_STALLED_JOB, RECORD_LOST_ATTEMPT, RETRY_STALLED_JOB
+from workers.identity import host_name
+from workers.supervision import SupervisorUnavailable
 from workers.tasks.catalog import TASKS
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,34 @@ def _threshold() -> float:
     return dashboard.settings().stalled_job_threshold
 
 
+def replaced_processes(rows: list[dict[str, Any]]) -> dict[int, int]:
+    """Return {worker id: pid supervisord runs now} for workers whose process died.
+
+    A killed worker's row looks live until its heartbeat is STALLED_JOB_THRESHOLD
+    old, but supervisord on this host reaps the process at once. So a row of this
+    host whose process supervisord now runs under another pid (0 when not
+    running) is reported as exited. Rows of other hosts, and every row when supervisord
+    cannot be reached, keep their heartbeat state.
+    """
+    local = [row for row in rows
+             if row["host"] == host_name() and row["process_name"] and row["pid"]]
+    if not local:
+        return {}
+    try:
+        infos = processes.client().processes()
+    except SupervisorUnavailable as exc:
+        logger.debug("Could not read supervisord's process states for the "
+                     "Workers page: %s", exc)
+        return {}
+    # Worker rows store supervisord's full name, such as "worker:worker_00".
+    current = {info.name: info.pid for info in infos}
+    return {
+        row["worker_id"]: current[row["process_name"]]
+        for row in local
+        if row["process_name"] in current and current[row["process_name"]] != row["pid"]
+    }
+
+
 @bp.route("/workers")
 def workers() -> str:
     """List the Procrastinate workers, the jobs each runs now, and recent stops."""
@@ -96,7 +126,11 @@ def workers() -> str:
         query("fleet", "recently_stopped_workers"),
         {"seconds": STOPPED_WORKERS_WINDOW, "limit": STOPPED_WORKERS_SHOWN},
     )
-    live = [row for row in rows if not row["stale"] and row["role"] != "scheduler"]
+    replaced = replaced_processes(rows)
+    for row in rows:
+        row["replaced_by"] = replaced.get(row["worker_id"])
+    live = [row for row in rows if not row["stale"] and row["role"] != "scheduler"
+            and row["replaced_by"] is None]
     return render_template(
         "fleet_workers.html",
         workers=rows,
@@ -106,6 +140,7 @@ def workers() -> str:
         stopped=stopped,
         live_count=len(live),
         stale_count=sum(1 for row in rows if row["stale"]),
+        exited_count=len(replaced),
         expected=dashboard.settings().worker_processes,
         threshold=_threshold(),
     )

@@ -56,6 +56,19 @@ def _dashboard_count(client: httpx.Client, status: str) -> int:
     return int(match.group(2).replace(",", ""))
 
 
+def _worker_state(client: httpx.Client, worker_id: int) -> str | None:
+    """Return the state the Workers page shows for ``worker_id``, if it lists it."""
+    page = client.get("/workers")
+    assert page.status_code == 200, page.text[:500]
+    row = re.search(
+        rf'data-worker-id="{worker_id}">(.*?)</tr>', page.text, re.DOTALL)
+    if row is None:
+        return None
+    state = re.search(r'data-worker-state="(\w+)"', row.group(1))
+    assert state is not None, row.group(1)
+    return state.group(1)
+
+
 def _job_row(database_url: str, job_id: int) -> dict[str, object]:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
@@ -141,7 +154,11 @@ def test_killed_worker_job_is_retried_and_finishes_once(
     assert _dashboard_count(client, "doing") >= 1
     name = _process_of_worker(database_url, int(doing["worker_id"]))
     old_pid = stack.process_info(name)["pid"]
+    assert _worker_state(client, int(doing["worker_id"])) == "live"
     stack.kill(name, signal.SIGKILL)
+    # supervisord reaps the process at once, long before the heartbeat is 4 s old.
+    wait_until(lambda: _worker_state(client, int(doing["worker_id"])) == "exited",
+               3, "the Workers page to show the killed worker as exited")
 
     wait_until(lambda: stack.process_info(name)["statename"] == "RUNNING"
               and stack.process_info(name)["pid"] != old_pid,
