@@ -41,17 +41,17 @@ async def fetch_twice(database_url: str, upstream_url: str,
     return fetched, second
 
 
-async def finish(database_url: str, upstream_url: str, held: Job) -> None:
+async def finish(database_url: str, upstream_url: str, job_view: Job) -> None:
     app = build_app(fleet_settings(database_url, upstream_url), "worker")
     async with app.open_async():
-        await app.job_manager.finish_job(held, Status.SUCCEEDED, delete_job=False)
+        await app.job_manager.finish_job(job_view, Status.SUCCEEDED, delete_job=False)
 
 
-async def retry(database_url: str, upstream_url: str, held: Job) -> None:
+async def retry(database_url: str, upstream_url: str, job_view: Job) -> None:
     app = build_app(fleet_settings(database_url, upstream_url), "worker")
     async with app.open_async():
         await app.job_manager.retry_job(
-            held, retry_at=datetime.datetime.now(datetime.timezone.utc)
+            job_view, retry_at=datetime.datetime.now(datetime.timezone.utc)
         )
 
 
@@ -61,10 +61,10 @@ def test_late_write_leaves_job_alone(
     write: Callable[[str, str, Job], Awaitable[None]],
 ) -> None:
     job_id = insert_job(database_url, "call_api", {"method": "GET", "path": "/a"})
-    held, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
+    stale_view, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
     caplog.set_level(logging.WARNING, logger="workers.end_state")
 
-    asyncio.run(write(database_url, upstream.url, held))
+    asyncio.run(write(database_url, upstream.url, stale_view))
 
     row = job(database_url, job_id)
     assert row["status"] == "doing"
@@ -77,8 +77,8 @@ def test_late_write_leaves_job_alone(
 
 def test_holder_finishes_job(database_url: str, upstream: Upstream) -> None:
     job_id = insert_job(database_url, "call_api", {"method": "GET", "path": "/a"})
-    held, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
-    holder = held.evolve(worker_id=other_worker)
+    stale_view, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
+    holder = stale_view.evolve(worker_id=other_worker)
 
     asyncio.run(finish(database_url, upstream.url, holder))
 
@@ -87,8 +87,8 @@ def test_holder_finishes_job(database_url: str, upstream: Upstream) -> None:
 
 def test_holder_retries_job(database_url: str, upstream: Upstream) -> None:
     job_id = insert_job(database_url, "call_api", {"method": "GET", "path": "/a"})
-    held, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
-    holder = held.evolve(worker_id=other_worker)
+    stale_view, other_worker = asyncio.run(fetch_twice(database_url, upstream.url, job_id))
+    holder = stale_view.evolve(worker_id=other_worker)
 
     asyncio.run(retry(database_url, upstream.url, holder))
 

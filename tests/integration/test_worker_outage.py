@@ -132,16 +132,20 @@ def test_restarted_worker_listens_again(
     assert max(latencies) < NOTIFY_BOUND, latencies
 
 
-def test_outage_during_running_job_warns(
-    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path
-) -> None:
-    # The database comes back while the worker still waits for its running job,
-    # so its stop raises nothing. The exit must still read as an outage.
-    database_url = create_database(own_postgres.url, "short_outage")
+def slow_job_through_outage(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path, *,
+    database: str, hold: float, wait_for: str, **overrides: str,
+) -> tuple[WorkerProcess, str, int, int]:
+    """Run one slow call_api job and stop PostgreSQL while it runs.
+
+    The server stays down until the worker logs ``wait_for`` (a regex). Return the
+    worker, the database URL, the job id and the worker's exit code.
+    """
+    database_url = create_database(own_postgres.url, database)
     apply_schema(database_url)
-    upstream.hold("/slow", seconds=60, times=1)
+    upstream.hold("/slow", seconds=hold, times=1)
     environment = fleet_environment(
-        database_url, upstream.url, DB_CONNECT_TIMEOUT="2", WORKER_SHUTDOWN_TIMEOUT="4"
+        database_url, upstream.url, DB_CONNECT_TIMEOUT="2", **overrides
     )
     settings = fleet_settings(database_url, upstream.url)
 
@@ -150,9 +154,22 @@ def test_outage_during_running_job_warns(
         job_id = defer_job(settings, "call_api", method="GET", path="/slow")
         upstream.wait_for_count("/slow", 1, timeout=10)
         own_postgres.halt()
-        process.wait_for_log(r"Side task \w+ failed|error connecting in", timeout=15)
+        process.wait_for_log(wait_for, timeout=20)
         own_postgres.resume()
-        code = process.wait(30)
+        code = process.wait(60)
+    return process, database_url, job_id, code
+
+
+def test_outage_during_running_job_warns(
+    own_postgres: PostgresServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The database comes back while the worker still waits for its running job,
+    # so its stop raises nothing. The exit must still read as an outage.
+    process, database_url, job_id, code = slow_job_through_outage(
+        own_postgres, upstream, tmp_path, database="short_outage", hold=60,
+        wait_for=r"Side task \w+ failed|error connecting in",
+        WORKER_SHUTDOWN_TIMEOUT="4",
+    )
 
     assert code == 1
     assert_outage_logged_as_warning(process.log())
@@ -164,26 +181,12 @@ def test_job_ended_during_outage_recorded(
 ) -> None:
     # The job succeeds while the database is down. Its end state is written once
     # the database is back, so stalled-job recovery does not run it again.
-    database_url = create_database(own_postgres.url, "end_during_outage")
-    apply_schema(database_url)
-    upstream.hold("/slow", seconds=3, times=1)
-    environment = fleet_environment(
-        database_url, upstream.url, DB_CONNECT_TIMEOUT="2",
+    process, database_url, job_id, code = slow_job_through_outage(
+        own_postgres, upstream, tmp_path, database="end_during_outage", hold=3,
+        wait_for=r"Could not write the result of job \d+, the database is "
+                 "unreachable",
         WORKER_SHUTDOWN_TIMEOUT="30", STALLED_JOB_THRESHOLD="60",
     )
-    settings = fleet_settings(database_url, upstream.url)
-
-    with WorkerProcess(environment, tmp_path, name="worker_00") as process:
-        process.wait_registered()
-        job_id = defer_job(settings, "call_api", method="GET", path="/slow")
-        upstream.wait_for_count("/slow", 1, timeout=10)
-        own_postgres.halt()
-        process.wait_for_log(
-            rf"Could not write the result of job {job_id}, the database is "
-            "unreachable", timeout=20,
-        )
-        own_postgres.resume()
-        code = process.wait(60)
 
     assert code == 1
     log = process.log()

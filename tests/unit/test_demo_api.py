@@ -64,8 +64,8 @@ def test_slow_path_echoes(demo: tuple[subprocess.Popen[bytes], str]) -> None:
 def test_slow_path_outlasts_read_timeout(
     demo: tuple[subprocess.Popen[bytes], str],
 ) -> None:
-    # The workers read with HTTP_TIMEOUT between bytes; a slow path longer than
-    # that must still complete, so the demo can keep a job running for minutes.
+    # The workers allow HTTP_TIMEOUT between two reads. A slow path longer than
+    # that must still complete, so that the demo can keep a job running for minutes.
     _, url = demo
     timeout = httpx.Timeout(5.0, read=1.5)
     with httpx.Client(timeout=timeout) as client:

@@ -70,8 +70,10 @@ def test_write_retried_until_it_succeeds(caplog: pytest.LogCaptureFixture) -> No
     )
     caplog.set_level(logging.INFO, logger="workers.end_state")
 
-    result = asyncio.run(write_through_outage(write, description="the status of job 7",
-                                              window=5, outage=OutageWindow(), **FAST))
+    result = asyncio.run(write_through_outage(
+        write, description="the status of job 7", window=5, outage=OutageWindow(),
+        **FAST,
+    ))
 
     assert result == "written"
     assert write.calls == 3
@@ -89,7 +91,8 @@ def test_other_error_raised_at_once() -> None:
     write = FlakyWrite(error)
 
     with pytest.raises(procrastinate_exceptions.ConnectorException) as raised:
-        asyncio.run(write_through_outage(write, description="x", window=5, outage=OutageWindow(), **FAST))
+        asyncio.run(write_through_outage(write, description="x", window=5,
+                                         outage=OutageWindow(), **FAST))
 
     assert raised.value is error
     assert write.calls == 1
@@ -100,7 +103,8 @@ def test_last_error_raised_after_window() -> None:
     write = FlakyWrite(*errors)
 
     with pytest.raises(psycopg.OperationalError) as raised:
-        asyncio.run(write_through_outage(write, description="x", window=0.1, outage=OutageWindow(), **FAST))
+        asyncio.run(write_through_outage(write, description="x", window=0.1,
+                                         outage=OutageWindow(), **FAST))
 
     assert 2 <= write.calls < 1000
     assert str(raised.value) == f"refused {write.calls - 1}"
@@ -122,12 +126,18 @@ def test_delay_doubles_up_to_max(monkeypatch: pytest.MonkeyPatch) -> None:
     assert waits == [0.5, 1.0, 2.0, 4.0, 4.0]
 
 
+def fail_until_window_ends(outage: OutageWindow) -> FlakyWrite:
+    """Run a write that always fails until ``outage``'s 0.1 s window ends."""
+    write = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(write_through_outage(write, description="x", window=0.1,
+                                         outage=outage, **FAST))
+    return write
+
+
 def test_writes_share_one_outage_window() -> None:
     outage = OutageWindow()
-    first = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
-    with pytest.raises(psycopg.OperationalError):
-        asyncio.run(write_through_outage(first, description="x", window=0.1,
-                                         outage=outage, **FAST))
+    fail_until_window_ends(outage)
 
     # The outage goes on: the next write gets no new window.
     second = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
@@ -139,10 +149,7 @@ def test_writes_share_one_outage_window() -> None:
 
 def test_success_ends_outage_window() -> None:
     outage = OutageWindow()
-    failing = FlakyWrite(*[psycopg.OperationalError("refused")] * 1000)
-    with pytest.raises(psycopg.OperationalError):
-        asyncio.run(write_through_outage(failing, description="x", window=0.1,
-                                         outage=outage, **FAST))
+    fail_until_window_ends(outage)
     asyncio.run(write_through_outage(FlakyWrite(), description="y", window=0.1,
                                      outage=outage, **FAST))
     assert outage.started is None

@@ -14,9 +14,9 @@ def record(name: str, level: int, action: str,
            error: BaseException | None = None) -> logging.LogRecord:
     """Return a log record from logger ``name`` carrying ``action``."""
     exc_info = (type(error), error, None) if error is not None else None
-    made = logging.LogRecord(name, level, __file__, 1, "line", (), exc_info)
-    made.action = action
-    return made
+    log_record = logging.LogRecord(name, level, __file__, 1, "line", (), exc_info)
+    log_record.action = action
+    return log_record
 
 
 @pytest.mark.parametrize(
